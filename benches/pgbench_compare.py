@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Helpers for benches/run.sh: parse pgbench runs, record results, render the report.
+
+  parse   --log-prefix P --stdout F --rc N --workload W --target T --round R --results FILE
+          reads pgbench's stdout (tps) and its per-transaction logs (P.*), appends one
+          JSON line to FILE and prints a one-line summary.
+  mark    --workload W --target T --status n/a|skipped --note TEXT --results FILE
+          records that a cell was deliberately not run.
+  memory  --target T --clients N --logged-in N --rss-before KiB --rss-after KiB [--hwm KiB] --results FILE
+  report  --results FILE [--memory FILE] [--meta FILE] [--out FILE.md]
+          prints the Markdown report (and writes it to --out).
+
+pgbench -l line format (PostgreSQL 15): client_id transaction_no time script_no time_epoch time_us
+[schedule_lag] [retries]; `time` is the transaction latency in microseconds, or the word
+`failed` / `skipped` for transactions that did not complete.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+WORKLOADS = [
+    ("select", "-S (simple)"),
+    ("select-extended", "-S -M extended"),
+    ("select-prepared", "-S -M prepared"),
+    ("tpcb", "TPC-B-like (default)"),
+]
+TARGETS = [("pgswitch", "pgswitch"), ("pgbouncer", "PgBouncer"), ("direct", "direct")]
+
+# Targets from the brief.
+TPS_VS_PGBOUNCER_MIN = 1.0
+TPS_VS_DIRECT_MIN_SELECT = 0.85
+KIB_PER_IDLE_CLIENT_MAX = 8.0
+
+
+def percentile(sorted_vals, p):
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_vals:
+        return None
+    k = max(1, math.ceil(p / 100.0 * len(sorted_vals)))
+    return sorted_vals[k - 1]
+
+
+def parse_logs(prefix):
+    lat = []
+    failed = 0
+    files = sorted(glob.glob(prefix + ".*"))
+    for path in files:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 6:
+                    continue
+                t = parts[2]
+                if t.isdigit():
+                    lat.append(int(t))
+                else:
+                    failed += 1
+    return files, lat, failed
+
+
+def cmd_parse(a):
+    out = open(a.stdout).read() if os.path.exists(a.stdout) else ""
+    m = re.search(r"^tps = ([0-9.]+) \(without initial connection time\)", out, re.M)
+    tps = float(m.group(1)) if m else None
+    m = re.search(r"number of failed transactions: (\d+)", out)
+    failed_reported = int(m.group(1)) if m else 0
+    files, lat, failed_logged = parse_logs(a.log_prefix)
+    lat.sort()
+    rec = {
+        "workload": a.workload,
+        "target": a.target,
+        "round": a.round,
+        "rc": a.rc,
+        "tps": tps,
+        "transactions": len(lat),
+        "failed": max(failed_reported, failed_logged),
+        "avg_ms": (sum(lat) / len(lat) / 1000.0) if lat else None,
+        "p50_ms": percentile(lat, 50) / 1000.0 if lat else None,
+        "p99_ms": percentile(lat, 99) / 1000.0 if lat else None,
+        "max_ms": lat[-1] / 1000.0 if lat else None,
+        "status": "ok",
+    }
+    aborted = re.search(r"(client \d+ aborted.*|Run was aborted.*)", out)
+    if a.rc != 0 or tps is None or not lat or aborted:
+        rec["status"] = "error"
+        err = ""
+        if os.path.exists(a.stdout + ".err"):
+            lines = [l for l in open(a.stdout + ".err").read().splitlines() if l.strip()]
+            err = lines[-1] if lines else ""
+        rec["note"] = (aborted.group(1) if aborted else err or f"pgbench exit code {a.rc}")[:200]
+    with open(a.results, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    print(
+        f"    {a.workload:16} {a.target:9} round {a.round}: tps {fmt(tps, '.0f'):>7}  "
+        f"avg {fmt(rec['avg_ms'], '.3f')} ms  p99 {fmt(rec['p99_ms'], '.3f')} ms  "
+        f"({len(lat)} tx in {len(files)} log files, {rec['failed']} failed)"
+        + (f"  ERROR: {rec['note']}" if rec["status"] == "error" else "")
+    )
+    # Log files are large; the caller may delete them once parsed.
+    return 0
+
+
+def cmd_mark(a):
+    rec = {"workload": a.workload, "target": a.target, "status": a.status, "note": a.note}
+    with open(a.results, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+def cmd_memory(a):
+    rec = {
+        "target": a.target,
+        "clients": a.clients,
+        "logged_in": a.logged_in,
+        "rss_before_kib": a.rss_before,
+        "rss_after_kib": a.rss_after,
+        "hwm_kib": a.hwm,
+        "status": a.status,
+        "note": a.note,
+    }
+    if a.logged_in and a.rss_after is not None and a.rss_before is not None:
+        rec["kib_per_client"] = (a.rss_after - a.rss_before) / a.logged_in
+    with open(a.results, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+def load(path):
+    if not path or not os.path.exists(path):
+        return []
+    return [json.loads(l) for l in open(path) if l.strip()]
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(records):
+    """-> {(workload, target): cell} with medians over the successful rounds."""
+    cells = {}
+    for w, _ in WORKLOADS:
+        for t, _ in TARGETS:
+            rs = [r for r in records if r["workload"] == w and r["target"] == t]
+            if not rs:
+                continue
+            ok = [r for r in rs if r.get("status") == "ok"]
+            marks = [r for r in rs if r.get("status") in ("n/a", "skipped")]
+            errs = [r for r in rs if r.get("status") == "error"]
+            cell = {"runs": len(ok), "errors": len(errs)}
+            if ok:
+                cell.update(
+                    status="ok",
+                    tps=med([r["tps"] for r in ok]),
+                    avg_ms=med([r["avg_ms"] for r in ok]),
+                    p99_ms=med([r["p99_ms"] for r in ok]),
+                    tps_rounds=[r["tps"] for r in sorted(ok, key=lambda r: r["round"])],
+                    p99_rounds=[r["p99_ms"] for r in sorted(ok, key=lambda r: r["round"])],
+                    failed=sum(r.get("failed", 0) for r in ok),
+                )
+            elif marks:
+                cell.update(status=marks[0]["status"], note=marks[0].get("note", ""))
+            else:
+                cell.update(status="error", note=errs[0].get("note", ""))
+            if errs:
+                cell["error_note"] = errs[0].get("note", "")
+            cells[(w, t)] = cell
+    return cells
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fx(v):
+    return f"{v:.2f}×" if v is not None else "n/a"
+
+
+def render(records, memory, meta):
+    cells = summarize(records)
+    out = []
+    if meta:
+        out.append("## Setup\n")
+        for k, v in meta.items():
+            out.append(f"- {k}: {v}")
+        out.append("")
+    checks = []
+    if cells:
+        out.append("## Throughput and latency (medians over rounds)\n")
+        out.append("| workload | target | tps | avg ms | p99 ms |")
+        out.append("|---|---|---:|---:|---:|")
+        for w, wname in WORKLOADS:
+            if not any(k[0] == w for k in cells):
+                continue
+            for t, tname in TARGETS:
+                c = cells.get((w, t))
+                if c is None:
+                    continue
+                if c["status"] == "ok":
+                    extra = f" ({c['errors']} of rounds failed)" if c["errors"] else ""
+                    out.append(
+                        f"| {wname} | {tname}{extra} | {c['tps']:.0f} | {c['avg_ms']:.3f} | {c['p99_ms']:.3f} |"
+                    )
+                else:
+                    label = c["status"]
+                    note = f" ({c.get('note')})" if c.get("note") else ""
+                    out.append(f"| {wname} | {tname} | {label} | {label} | {label}{note} |")
+            sw, pb, di = cells.get((w, "pgswitch")), cells.get((w, "pgbouncer")), cells.get((w, "direct"))
+            okc = lambda c: c if c and c["status"] == "ok" else None
+            sw, pb, di = okc(sw), okc(pb), okc(di)
+            for other, oname in ((pb, "PgBouncer"), (di, "direct")):
+                if sw is None:
+                    continue
+                g = lambda c, k: c[k] if c else None
+                rt = ratio(g(sw, "tps"), g(other, "tps"))
+                ra = ratio(g(sw, "avg_ms"), g(other, "avg_ms"))
+                rp = ratio(g(sw, "p99_ms"), g(other, "p99_ms"))
+                out.append(f"| {wname} | *pgswitch/{oname}* | *{fx(rt)}* | *{fx(ra)}* | *{fx(rp)}* |")
+            # target checks (a pgswitch error on a workload counts as a failure)
+            sw_status = (cells.get((w, "pgswitch")) or {}).get("status")
+            if sw_status in ("ok", "error"):
+                fail_if_err = lambda v, ok: False if sw_status == "error" else (None if v is None else ok)
+                if pb is not None:
+                    rt = ratio(sw and sw["tps"], pb["tps"])
+                    checks.append((f"{wname}: tps ≥ {TPS_VS_PGBOUNCER_MIN:.2f}× PgBouncer", rt,
+                                   fail_if_err(rt, rt is not None and rt >= TPS_VS_PGBOUNCER_MIN)))
+                    rp = ratio(sw and sw["p99_ms"], pb["p99_ms"])
+                    checks.append((f"{wname}: p99 ≤ PgBouncer's", rp,
+                                   fail_if_err(rp, rp is not None and rp <= 1.0)))
+                elif sw_status == "error":
+                    checks.append((f"{wname}: runs through pgswitch", None, False))
+                if w == "select" and di is not None:
+                    rd = ratio(sw and sw["tps"], di["tps"])
+                    checks.append((f"{wname}: tps ≥ {TPS_VS_DIRECT_MIN_SELECT:.2f}× direct", rd,
+                                   fail_if_err(rd, rd is not None and rd >= TPS_VS_DIRECT_MIN_SELECT)))
+        out.append("")
+        out.append("Per-round tps (round order rotates the targets):\n")
+        out.append("| workload | target | tps by round | p99 ms by round |")
+        out.append("|---|---|---|---|")
+        for w, wname in WORKLOADS:
+            for t, tname in TARGETS:
+                c = cells.get((w, t))
+                if c and c["status"] == "ok":
+                    out.append(
+                        f"| {wname} | {tname} | {', '.join(f'{v:.0f}' for v in c['tps_rounds'])} | "
+                        f"{', '.join(f'{v:.2f}' for v in c['p99_rounds'])} |"
+                    )
+        errs = [(w, t, c["error_note"]) for (w, t), c in cells.items() if c.get("error_note")]
+        if errs:
+            out.append("")
+            out.append("Errors:\n")
+            for w, t, n in errs:
+                out.append(f"- {w} / {t}: {n}")
+        out.append("")
+    if memory:
+        out.append("## Memory: idle clients\n")
+        out.append("| target | clients logged in | RSS before (KiB) | RSS after (KiB) | KiB per idle client |")
+        out.append("|---|---:|---:|---:|---:|")
+        for m in memory:
+            name = dict(TARGETS).get(m["target"], m["target"])
+            if m.get("status", "ok") != "ok":
+                out.append(f"| {name} | {m.get('status')} ({m.get('note') or ''}) | | | |")
+                continue
+            kpc = m.get("kib_per_client")
+            out.append(
+                f"| {name} | {m['logged_in']}/{m['clients']} | {m['rss_before_kib']} | {m['rss_after_kib']} | "
+                f"{kpc:.2f} |" if kpc is not None else f"| {name} | {m['logged_in']}/{m['clients']} | | | n/a |"
+            )
+            if m["target"] == "pgswitch":
+                ok = kpc is not None and m["logged_in"] == m["clients"]
+                checks.append((f"idle client memory ≤ {KIB_PER_IDLE_CLIENT_MAX:.0f} KiB",
+                               kpc, None if kpc is None else (kpc <= KIB_PER_IDLE_CLIENT_MAX and ok)))
+        out.append("")
+    if checks:
+        out.append("## Targets (pgswitch)\n")
+        out.append("| target | measured | result |")
+        out.append("|---|---:|---|")
+        for name, v, ok in checks:
+            if "KiB" in name:
+                val = f"{v:.2f} KiB" if v is not None else "n/a"
+            else:
+                val = fx(v) if v is not None or ok is not False else "error"
+            out.append(f"| {name} | {val} | {'n/a' if ok is None else ('PASS' if ok else 'FAIL')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def cmd_report(a):
+    records = load(a.results)
+    memory = load(a.memory)
+    meta = json.load(open(a.meta)) if a.meta and os.path.exists(a.meta) else {}
+    text = render(records, memory, meta)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write((a.title + "\n\n" if a.title else "") + text + "\n")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description="pgbench comparison helpers")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("parse")
+    p.add_argument("--log-prefix", required=True)
+    p.add_argument("--stdout", required=True)
+    p.add_argument("--rc", type=int, default=0)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--results", required=True)
+    p.set_defaults(fn=cmd_parse)
+    p = sub.add_parser("mark")
+    p.add_argument("--workload", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--status", required=True)
+    p.add_argument("--note", default="")
+    p.add_argument("--results", required=True)
+    p.set_defaults(fn=cmd_mark)
+    p = sub.add_parser("memory")
+    p.add_argument("--target", required=True)
+    p.add_argument("--clients", type=int, required=True)
+    p.add_argument("--logged-in", type=int, default=0)
+    p.add_argument("--rss-before", type=int)
+    p.add_argument("--rss-after", type=int)
+    p.add_argument("--hwm", type=int)
+    p.add_argument("--status", default="ok")
+    p.add_argument("--note", default="")
+    p.add_argument("--results", required=True)
+    p.set_defaults(fn=cmd_memory)
+    p = sub.add_parser("report")
+    p.add_argument("--results")
+    p.add_argument("--memory")
+    p.add_argument("--meta")
+    p.add_argument("--out")
+    p.add_argument("--title", default="")
+    p.set_defaults(fn=cmd_report)
+    a = ap.parse_args()
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

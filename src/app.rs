@@ -1,0 +1,262 @@
+//! The running proxy: shared state, the listener, signals (reload, shutdown)
+//! and housekeeping. Control plane code reaches the data plane only through
+//! [`crate::switch::Switch`] and the pools.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::auth::UserSecrets;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, ConfigError, Side};
+use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::server::{BackendAddr, Login};
+use crate::statements::StatementRegistry;
+use crate::switch::{Backend, Switch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+pub struct App {
+    config: ArcSwap<Config>,
+    config_path: PathBuf,
+    secrets: ArcSwap<UserSecrets>,
+    pub switch: Switch,
+    blue: Arc<Backend>,
+    green: Option<Arc<Backend>>,
+    pub statements: StatementRegistry,
+    pub cancels: Arc<CancelRegistry>,
+    clients: AtomicUsize,
+    next_client_id: AtomicU32,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Counts a client for max_client_conn while alive.
+pub struct ClientCount(Arc<App>);
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl App {
+    pub fn new(config: Config, config_path: PathBuf) -> Arc<App> {
+        let backend = |side: Side| {
+            config.backends.get(side).map(|b| {
+                Backend::new(
+                    side,
+                    BackendAddr {
+                        host: b.host.clone(),
+                        port: b.port,
+                    },
+                )
+            })
+        };
+        let blue = backend(Side::Blue).unwrap_or_else(|| unreachable!("[backends.blue] is required by the config schema"));
+        let green = backend(Side::Green);
+        let active = match (config.cutover.active, &green) {
+            (Side::Green, Some(green)) => green.clone(),
+            _ => blue.clone(),
+        };
+        let secrets = UserSecrets::derive(&config);
+        Arc::new(App {
+            config: ArcSwap::from_pointee(config),
+            config_path,
+            secrets: ArcSwap::from_pointee(secrets),
+            switch: Switch::new(active),
+            blue,
+            green,
+            statements: StatementRegistry::default(),
+            cancels: Arc::new(CancelRegistry::default()),
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU32::new(1),
+            shutdown: watch::Sender::new(false),
+        })
+    }
+
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    pub fn secrets(&self) -> Arc<UserSecrets> {
+        self.secrets.load_full()
+    }
+
+    pub fn next_client_id(&self) -> u32 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn count_client(self: &Arc<Self>) -> ClientCount {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        ClientCount(self.clone())
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        std::iter::once(&self.blue).chain(self.green.iter())
+    }
+
+    /// The pool for `key` on `backend`, created on first use.
+    pub fn pool_for(&self, backend: &Backend, key: &PoolKey) -> Arc<Pool> {
+        backend.pool(key, || pool_settings(&self.config(), key))
+    }
+
+    /// Re-reads proxy.toml: users, pool sizes and timeouts change in place;
+    /// connections stay up. A bad file changes nothing.
+    pub async fn reload(&self) -> Result<(), ConfigError> {
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(&path).map(|config| {
+                let secrets = UserSecrets::derive(&config);
+                (config, secrets)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        let (config, secrets) = loaded;
+        let old = self.config.load_full();
+        if config.proxy.listen != old.proxy.listen || config.backends.blue != old.backends.blue || config.backends.green != old.backends.green {
+            tracing::warn!("listen address and backends change only on restart; other settings reloaded");
+        }
+        for backend in self.backends() {
+            for pool in backend.pools() {
+                pool.reconfigure(pool_settings(&config, &pool.key));
+            }
+        }
+        self.secrets.store(Arc::new(secrets));
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+}
+
+/// Pool settings for one (database, user) from the configuration.
+fn pool_settings(config: &Config, key: &PoolKey) -> PoolSettings {
+    let proxy = &config.proxy;
+    let user = config.user(&key.user);
+    PoolSettings {
+        size: user.and_then(|u| u.pool_size).unwrap_or(proxy.default_pool_size),
+        min_size: proxy.min_pool_size,
+        query_wait_timeout: proxy.query_wait_timeout,
+        idle_timeout: proxy.server_idle_timeout,
+        lifetime: proxy.server_lifetime,
+        connect_timeout: proxy.server_connect_timeout,
+        statements_per_server: proxy.prepared_statements_per_server,
+        login: Login {
+            user: key.user.clone(),
+            database: key.database.clone(),
+            password: user.and_then(|u| u.password.clone()),
+        },
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    let listen_err = |source| AppError::Listen { addr, source };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(listen_err)?;
+    socket.set_reuseaddr(true).map_err(listen_err)?;
+    socket.bind(addr).map_err(listen_err)?;
+    // A deep backlog: a reconnect storm after a restart must not see refusals.
+    socket.listen(4096).map_err(listen_err)
+}
+
+/// Runs the proxy until SIGTERM/SIGINT and a graceful drain.
+pub async fn run(app: Arc<App>) -> Result<(), AppError> {
+    let config = app.config();
+    let listener = bind(config.proxy.listen)?;
+    tracing::info!(listen = %config.proxy.listen, active = %app.switch.active().side, mode = ?config.proxy.pool_mode, "pgswitch listening");
+    if config.proxy.auth_method == crate::config::AuthMethod::Trust {
+        tracing::warn!("auth_method = \"trust\": clients log in without a password");
+    }
+    drop(config);
+    let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    tokio::spawn(housekeeping(app.clone()));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(crate::client::serve(app.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = hangup.recv() => match app.reload().await {
+                Ok(()) => tracing::info!(path = %app.config_path.display(), "configuration reloaded"),
+                Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
+            },
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    drop(listener);
+    shutdown(&app).await;
+    Ok(())
+}
+
+/// Stops taking clients, lets transactions finish for up to shutdown_timeout,
+/// then returns (the process exit closes the rest).
+async fn shutdown(app: &App) {
+    let timeout = app.config().proxy.shutdown_timeout;
+    tracing::info!(clients = app.client_count(), ?timeout, "shutting down: waiting for transactions to finish");
+    app.shutdown.send_replace(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    while app.client_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for backend in app.backends() {
+        for pool in backend.pools() {
+            pool.close_idle();
+        }
+    }
+    tracing::info!(remaining_clients = app.client_count(), "pgswitch stopped");
+}
+
+/// Once a second: retire idle and old server connections, keep min_pool_size.
+async fn housekeeping(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for backend in app.backends() {
+            for pool in backend.pools() {
+                let missing = pool.reap();
+                for _ in 0..missing {
+                    if let Err(e) = pool.add_idle().await {
+                        tracing::warn!(pool = %pool.key, error = %e, "could not open a connection for min_pool_size");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The data plane, one task per client connection: handshake (startup, auth,
+//! parameters) and then the session loop that relays frames to a pooled
+//! server connection.
+
+pub mod conn;
+mod handshake;
+mod pipeline;
+mod session;
+
+pub use handshake::serve;

@@ -1,0 +1,353 @@
+//! Matching server replies to client requests, so the proxy can hide replies to
+//! messages it injected (a Parse a client never sent on this connection, a
+//! parameter sync) and add replies to messages it answered itself (a Parse the
+//! server already has, a Close of a proxy-held statement), in exactly the order
+//! a server would have sent them.
+//!
+//! Only message tags are read. Each request the server answers is queued with
+//! the kind of reply that ends it; an ErrorResponse in the extended protocol
+//! ends the failing request and makes the server skip everything up to the next
+//! Sync, which the queue mirrors.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+
+use crate::protocol::messages::{self, backend};
+use crate::statements::ServerStatements;
+
+/// What a request's reply ends with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Parse,
+    Bind,
+    Close,
+    Describe,
+    Execute,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Reply {
+    fn ended_by(self, tag: u8) -> bool {
+        use Reply::*;
+        match tag {
+            backend::PARSE_COMPLETE => self == Parse,
+            backend::BIND_COMPLETE => self == Bind,
+            backend::CLOSE_COMPLETE => self == Close,
+            backend::ROW_DESCRIPTION | backend::NO_DATA => self == Describe,
+            backend::COMMAND_COMPLETE | backend::EMPTY_QUERY | backend::PORTAL_SUSPENDED => self == Execute,
+            backend::READY_FOR_QUERY => matches!(self, Sync | Query | FunctionCall),
+            // In the extended protocol an error ends the request that failed; a
+            // simple query or a Sync still ends with ReadyForQuery after it.
+            backend::ERROR_RESPONSE => !matches!(self, Sync | Query | FunctionCall),
+            _ => false,
+        }
+    }
+}
+
+/// A reply the proxy writes itself in place of the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+    /// CommandComplete with this tag, then ReadyForQuery.
+    Command(&'static str),
+}
+
+impl Synthetic {
+    fn encode(self, out: &mut BytesMut, status: u8) {
+        match self {
+            Synthetic::ParseComplete => out.extend_from_slice(messages::PARSE_COMPLETE),
+            Synthetic::CloseComplete => out.extend_from_slice(messages::CLOSE_COMPLETE),
+            Synthetic::Command(tag) => {
+                messages::command_complete(out, tag);
+                messages::ready_for_query(out, status);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Visibility {
+    /// The client's request: the reply goes to the client.
+    Client,
+    /// Injected by the proxy: the reply is swallowed.
+    Hidden,
+    Synthetic(Synthetic),
+}
+
+/// How to put the server's statement cache right if a request never ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undo {
+    None,
+    /// A Parse that prepared this statement: if it failed or was skipped, the
+    /// server does not have it.
+    Prepared(u64),
+    /// A Close that evicted it: if skipped, the server still has it.
+    Closed(u64),
+}
+
+#[derive(Debug)]
+struct Pending {
+    reply: Reply,
+    visibility: Visibility,
+    undo: Undo,
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Forward,
+    Swallow,
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    queue: VecDeque<Pending>,
+    /// The server is discarding messages until the client's next Sync.
+    skipping: bool,
+    /// ReadyForQuery status as the client last saw it.
+    client_status: u8,
+    /// A hidden parameter sync failed; the server's session state is unknown.
+    pub hidden_failed: bool,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline {
+            queue: VecDeque::new(),
+            skipping: false,
+            client_status: b'I',
+            hidden_failed: false,
+        }
+    }
+}
+
+impl Pipeline {
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && !self.skipping
+    }
+
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
+    /// A Sync sent while the server skips: it ends the skip.
+    pub fn end_skip(&mut self) {
+        self.skipping = false;
+    }
+
+    pub fn client_status(&self) -> u8 {
+        self.client_status
+    }
+
+    pub fn request(&mut self, reply: Reply, undo: Undo) {
+        self.queue.push_back(Pending {
+            reply,
+            visibility: Visibility::Client,
+            undo,
+        });
+    }
+
+    pub fn hidden(&mut self, reply: Reply, undo: Undo) {
+        self.queue.push_back(Pending {
+            reply,
+            visibility: Visibility::Hidden,
+            undo,
+        });
+    }
+
+    /// Answers a request in the proxy: at once if nothing is outstanding,
+    /// otherwise when the replies before it have gone out.
+    pub fn synthetic(&mut self, reply: Synthetic, out: &mut BytesMut) {
+        if self.queue.is_empty() {
+            reply.encode(out, self.client_status);
+        } else {
+            self.queue.push_back(Pending {
+                reply: Reply::Sync,
+                visibility: Visibility::Synthetic(reply),
+                undo: Undo::None,
+            });
+        }
+    }
+
+    /// Routes one server message (`tag`) and writes `frame` to `out` when it is
+    /// the client's. Async messages (notices, notifications, parameter reports)
+    /// always reach the client.
+    pub fn on_server_message(
+        &mut self,
+        tag: u8,
+        frame: &[u8],
+        out: &mut BytesMut,
+        cache: &mut ServerStatements,
+    ) -> Route {
+        if matches!(
+            tag,
+            backend::NOTICE_RESPONSE | backend::NOTIFICATION_RESPONSE | backend::PARAMETER_STATUS
+        ) {
+            out.extend_from_slice(frame);
+            return Route::Forward;
+        }
+        let Some(head) = self.queue.front() else {
+            // Nothing asked for this (e.g. a FATAL error when the server shuts down).
+            out.extend_from_slice(frame);
+            return Route::Forward;
+        };
+        let route = match head.visibility {
+            Visibility::Client => Route::Forward,
+            // A statement the proxy re-prepares can fail (the table changed):
+            // that error is the answer to the client's Bind.
+            Visibility::Hidden if tag == backend::ERROR_RESPONSE && head.reply == Reply::Parse => Route::Forward,
+            Visibility::Hidden => Route::Swallow,
+            Visibility::Synthetic(_) => Route::Forward,
+        };
+        if route == Route::Forward {
+            out.extend_from_slice(frame);
+        }
+        if tag == backend::READY_FOR_QUERY {
+            let status = frame.get(5).copied().unwrap_or(b'I');
+            if head.visibility == Visibility::Client {
+                self.client_status = status;
+            }
+        }
+        if !head.reply.ended_by(tag) {
+            return route;
+        }
+        let Some(done) = self.queue.pop_front() else { return route };
+        if tag == backend::ERROR_RESPONSE {
+            undo(done.undo, cache);
+            self.skip_to_sync(cache);
+        } else if tag == backend::READY_FOR_QUERY && done.visibility == Visibility::Hidden {
+            // A failed hidden query still ends with ReadyForQuery; its error was swallowed.
+        }
+        self.emit_ready_synthetics(out);
+        route
+    }
+
+    /// Marks the hidden query at the head as failed (its error was swallowed).
+    pub fn note_hidden_error(&mut self) {
+        if self.queue.front().is_some_and(|p| p.visibility == Visibility::Hidden) {
+            self.hidden_failed = true;
+        }
+    }
+
+    /// After an error the server skips every request up to the next Sync; so
+    /// do we, undoing what the skipped requests would have done.
+    fn skip_to_sync(&mut self, cache: &mut ServerStatements) {
+        while let Some(p) = self.queue.front() {
+            if p.reply == Reply::Sync && !matches!(p.visibility, Visibility::Synthetic(_)) {
+                return;
+            }
+            if let Some(p) = self.queue.pop_front() {
+                undo(p.undo, cache);
+            }
+        }
+        self.skipping = true;
+    }
+
+    fn emit_ready_synthetics(&mut self, out: &mut BytesMut) {
+        while let Some(Pending {
+            visibility: Visibility::Synthetic(reply),
+            ..
+        }) = self.queue.front()
+        {
+            reply.encode(out, self.client_status);
+            self.queue.pop_front();
+        }
+    }
+}
+
+fn undo(undo: Undo, cache: &mut ServerStatements) {
+    match undo {
+        Undo::None => {}
+        Undo::Prepared(id) => cache.forget(id),
+        Undo::Closed(id) => cache.restore(id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8) -> Vec<u8> {
+        vec![tag, 0, 0, 0, 4]
+    }
+
+    fn rfq(status: u8) -> Vec<u8> {
+        vec![b'Z', 0, 0, 0, 5, status]
+    }
+
+    #[test]
+    fn synthetic_replies_keep_their_place() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let mut out = BytesMut::new();
+        p.request(Reply::Bind, Undo::None);
+        p.synthetic(Synthetic::CloseComplete, &mut out);
+        p.request(Reply::Sync, Undo::None);
+        assert!(out.is_empty(), "must wait for the BindComplete");
+        p.on_server_message(b'2', &msg(b'2'), &mut out, &mut cache);
+        assert_eq!(&out[..], &[msg(b'2'), msg(b'3')].concat()[..]);
+        p.on_server_message(b'Z', &rfq(b'I'), &mut out, &mut cache);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn hidden_replies_are_swallowed() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let mut out = BytesMut::new();
+        p.hidden(Reply::Query, Undo::None);
+        p.hidden(Reply::Parse, Undo::Prepared(7));
+        p.request(Reply::Bind, Undo::None);
+        for m in [msg(b'T'), msg(b'D'), msg(b'C'), rfq(b'I'), msg(b'1'), msg(b'2')] {
+            p.on_server_message(m[0], &m, &mut out, &mut cache);
+        }
+        assert_eq!(&out[..], &msg(b'2')[..]);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_undoes_preparations() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        cache.insert(1);
+        cache.insert(2);
+        let mut out = BytesMut::new();
+        p.request(Reply::Bind, Undo::None);
+        p.request(Reply::Parse, Undo::Prepared(1));
+        p.hidden(Reply::Close, Undo::Closed(3));
+        p.synthetic(Synthetic::ParseComplete, &mut out);
+        p.request(Reply::Sync, Undo::None);
+        p.on_server_message(b'E', &msg(b'E'), &mut out, &mut cache);
+        assert!(!cache.touch(1), "the skipped Parse never prepared it");
+        assert!(cache.touch(3), "the skipped Close never closed it");
+        p.on_server_message(b'Z', &rfq(b'I'), &mut out, &mut cache);
+        assert_eq!(&out[..], &[msg(b'E'), rfq(b'I')].concat()[..]);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn error_without_sync_skips_until_the_client_sends_one() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let mut out = BytesMut::new();
+        p.request(Reply::Execute, Undo::None);
+        p.on_server_message(b'E', &msg(b'E'), &mut out, &mut cache);
+        assert!(p.skipping());
+        assert!(!p.is_idle());
+    }
+
+    #[test]
+    fn synthetic_command_reports_the_current_status() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let mut out = BytesMut::new();
+        p.request(Reply::Query, Undo::None);
+        p.synthetic(Synthetic::Command("DEALLOCATE"), &mut out);
+        p.on_server_message(b'Z', &rfq(b'T'), &mut out, &mut cache);
+        assert_eq!(out.last(), Some(&b'T'));
+    }
+}

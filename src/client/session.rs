@@ -1,0 +1,649 @@
+//! The session loop: relays frames between a client and a server connection,
+//! taking a server from the pool when a transaction starts and giving it back
+//! when ReadyForQuery reports idle (transaction mode), or holding one for the
+//! whole session (session mode).
+//!
+//! Both sockets are polled in one task with bounded buffers, so a client that
+//! pipelines faster than the server answers never deadlocks the pair, and a slow
+//! reader holds back only its own server.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
+
+use super::conn::{ClientConn, ClientError};
+use super::handshake::Established;
+use super::pipeline::{Pipeline, Reply, Route, Synthetic, Undo};
+use crate::app::App;
+use crate::cancel::{CancelKey, CancelTarget};
+use crate::config::PoolMode;
+use crate::pool::{Checkout, Pool, PoolKey};
+use crate::protocol::error::{sqlstate, ServerErrorFields};
+use crate::protocol::messages::{self, backend, frontend};
+use crate::protocol::{FrameHeader, PgError};
+use crate::server::ServerConn;
+use crate::session_params::ParamSet;
+use crate::statements::Statement;
+use crate::switch::Backend;
+
+/// Stop reading a side once this much is waiting to be written to the other.
+const HIGH_WATER: usize = 256 * 1024;
+/// Buffers above this size are released when the session goes idle, so idle
+/// clients cost little memory.
+const IDLE_BUFFER_KEEP: usize = 16 * 1024;
+
+/// How a session ended, for the close log line.
+pub type CloseReason = &'static str;
+
+pub struct Session {
+    app: Arc<App>,
+    client: TcpStream,
+    cbuf: BytesMut,
+    to_client: BytesMut,
+    to_server: BytesMut,
+    server: Option<Checkout>,
+    backend: Arc<Backend>,
+    pool: Arc<Pool>,
+    pool_key: PoolKey,
+    mode: PoolMode,
+    /// What the client expects its session parameters to be.
+    params: Arc<ParamSet>,
+    /// The parameters the client started with, restored by DISCARD ALL.
+    startup_params: Arc<ParamSet>,
+    /// The client's prepared statements by the client's names.
+    statements: HashMap<Bytes, Arc<Statement>>,
+    pipeline: Pipeline,
+    cancel: CancelKey,
+    /// The server sent a FATAL error, which the client has been given.
+    server_said_fatal: bool,
+}
+
+/// Which side closed.
+enum Closed {
+    Client,
+    Server(io::Error),
+}
+
+impl Session {
+    pub fn new(app: Arc<App>, conn: ClientConn, login: Established) -> Session {
+        Session {
+            app,
+            client: conn.stream,
+            cbuf: conn.buf,
+            to_client: BytesMut::new(),
+            to_server: BytesMut::new(),
+            server: login.server,
+            backend: login.backend,
+            pool: login.pool,
+            pool_key: login.pool_key,
+            mode: login.mode,
+            startup_params: login.params.clone(),
+            params: login.params,
+            statements: HashMap::new(),
+            pipeline: Pipeline::default(),
+            cancel: login.cancel,
+            server_said_fatal: false,
+        }
+    }
+
+    /// Runs the session to its end; returns why it ended. An error meant for
+    /// the client is sent before the connection closes.
+    pub async fn run(mut self) -> String {
+        match self.serve().await {
+            Ok(reason) => reason.to_owned(),
+            Err(ClientError::Io(e)) => format!("client connection error: {e}"),
+            Err(ClientError::Pg(e)) => {
+                self.to_client.extend_from_slice(&e.to_bytes());
+                let _ = self.flush_client().await;
+                e.to_string()
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> Result<CloseReason, ClientError> {
+        let mut shutdown = self.app.shutdown_signal();
+        loop {
+            if self.has_client_frame()? {
+                if self.server.is_none() {
+                    if self.cbuf.first() == Some(&frontend::TERMINATE) {
+                        return Ok("client terminated");
+                    }
+                    self.attach().await?;
+                }
+                if self.forward_client_frames()? {
+                    return Ok("client terminated");
+                }
+            }
+            self.release_if_idle();
+            let idle = self.is_between_transactions();
+            if idle && *shutdown.borrow() {
+                self.flush_client().await?;
+                return Err(PgError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection due to administrator command",
+                )
+                .into());
+            }
+            if idle {
+                self.shrink_buffers();
+            }
+            let pumped = tokio::select! {
+                r = self.pump() => r,
+                _ = shutdown.changed(), if idle => continue,
+            };
+            match pumped {
+                Ok(()) => {}
+                Err(Closed::Client) => return Ok("client disconnected"),
+                Err(Closed::Server(e)) => return self.server_lost(e).await,
+            }
+            if self.server.is_some() {
+                self.relay_server_frames()?;
+                self.release_if_idle();
+            }
+        }
+    }
+
+    fn has_client_frame(&self) -> Result<bool, PgError> {
+        Ok(FrameHeader::complete(&self.cbuf)?.is_some())
+    }
+
+    /// No transaction in progress: nothing would be lost by ending here.
+    fn is_between_transactions(&self) -> bool {
+        match &self.server {
+            None => self.cbuf.is_empty(),
+            Some(server) => {
+                self.mode == PoolMode::Session
+                    && server.tx_status == b'I'
+                    && self.pipeline.is_idle()
+                    && self.to_server.is_empty()
+            }
+        }
+    }
+
+    /// Takes a server connection for the next transaction: passes the gate,
+    /// follows a backend swap, and brings the server's session parameters in
+    /// line with the client's.
+    async fn attach(&mut self) -> Result<(), ClientError> {
+        self.app.switch.gate.pass().await;
+        let active = self.app.switch.active();
+        if !Arc::ptr_eq(&active, &self.backend) {
+            self.pool = self.app.pool_for(&active, &self.pool_key);
+            self.backend = active;
+        }
+        let mut server = self.pool.acquire().await.map_err(|e| e.to_client_error())?;
+        self.sync_params(&mut server);
+        self.cancel.slot.set(Some(CancelTarget {
+            addr: server.addr.clone(),
+            pid: server.backend_pid,
+            secret: server.backend_secret,
+        }));
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Queues a hidden query that moves the server to the client's parameters.
+    fn sync_params(&mut self, server: &mut ServerConn) {
+        if Arc::ptr_eq(&server.applied, &self.params) {
+            return;
+        }
+        if let Some(sql) = self.params.transition_sql(&server.applied) {
+            messages::query(&mut self.to_server, &sql);
+            self.pipeline.hidden(Reply::Query, Undo::None);
+            server.tx_status = b'?';
+        }
+        server.applied = self.params.clone();
+    }
+
+    /// Gives the server back once the transaction is over: ReadyForQuery said
+    /// idle and every request sent has been answered.
+    fn release_if_idle(&mut self) {
+        if self.mode != PoolMode::Transaction {
+            return;
+        }
+        let Some(server) = &self.server else { return };
+        if server.tx_status != b'I' || !self.pipeline.is_idle() || !self.to_server.is_empty() {
+            return;
+        }
+        self.cancel.slot.set(None);
+        if let Some(server) = self.server.take() {
+            if std::mem::take(&mut self.pipeline.hidden_failed) {
+                drop(server); // its session state is unknown: close it
+            } else {
+                server.release();
+            }
+        }
+    }
+
+    /// Moves complete client frames to the server, rewriting statement names in
+    /// transaction mode. Returns true when the client sent Terminate.
+    fn forward_client_frames(&mut self) -> Result<bool, PgError> {
+        let Some(server) = self.server.as_mut() else { return Ok(false) };
+        let server: &mut ServerConn = server;
+        let transaction_mode = self.mode == PoolMode::Transaction;
+        let mut pos = 0;
+        let mut terminated = false;
+        while let Some(h) = FrameHeader::complete(&self.cbuf[pos..])? {
+            let frame = &self.cbuf[pos..pos + h.len];
+            pos += h.len;
+            if h.tag == frontend::TERMINATE {
+                terminated = true;
+                break;
+            }
+            if !transaction_mode {
+                self.to_server.extend_from_slice(frame);
+                server.tx_status = b'?';
+                continue;
+            }
+            let mut tx = Translator {
+                app: &self.app,
+                server: &mut *server,
+                statements: &mut self.statements,
+                pipeline: &mut self.pipeline,
+                to_server: &mut self.to_server,
+                to_client: &mut self.to_client,
+            };
+            if let Some(reset) = tx.translate(h.tag, frame)? {
+                self.statements.clear();
+                if reset == Reset::DiscardAll {
+                    self.params = self.startup_params.clone();
+                }
+            }
+        }
+        self.cbuf.advance(pos);
+        Ok(terminated)
+    }
+
+    /// Moves complete server frames to the client through the pipeline.
+    fn relay_server_frames(&mut self) -> Result<(), PgError> {
+        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let ServerConn {
+            rbuf,
+            statements,
+            tx_status,
+            ..
+        } = &mut **server;
+        let mut pos = 0;
+        let mut reports: Vec<(usize, usize)> = Vec::new();
+        while let Some(h) = FrameHeader::complete(&rbuf[pos..])? {
+            let frame = &rbuf[pos..pos + h.len];
+            match h.tag {
+                backend::READY_FOR_QUERY => *tx_status = frame.get(5).copied().unwrap_or(b'?'),
+                backend::PARAMETER_STATUS => reports.push((pos, h.len)),
+                _ => {}
+            }
+            let route = if self.mode == PoolMode::Transaction {
+                self.pipeline.on_server_message(h.tag, frame, &mut self.to_client, statements)
+            } else {
+                self.to_client.extend_from_slice(frame);
+                Route::Forward
+            };
+            if h.tag == backend::ERROR_RESPONSE {
+                let fields = ServerErrorFields::parse(&frame[5..]);
+                if route == Route::Swallow {
+                    tracing::warn!(code = %fields.code, message = %fields.message, "hidden parameter sync failed");
+                    self.pipeline.note_hidden_error();
+                } else if fields.is_fatal() {
+                    self.server_said_fatal = true;
+                }
+            }
+            pos += h.len;
+        }
+        // ParameterStatus is rare; handled after the loop to keep borrows simple.
+        let rbuf_reports: Vec<BytesMut> = reports
+            .iter()
+            .map(|&(at, len)| BytesMut::from(&rbuf[at + 5..at + len]))
+            .collect();
+        rbuf.advance(pos);
+        for body in rbuf_reports {
+            self.track_parameter(&body);
+        }
+        Ok(())
+    }
+
+    fn track_parameter(&mut self, body: &[u8]) {
+        let Some(server) = self.server.as_mut() else { return };
+        let Ok((name, value)) = server.record_parameter(body) else { return };
+        if let Some(next) = self.params.with_report(&name, &value) {
+            self.params = next;
+            server.applied = self.params.clone();
+        }
+    }
+
+    /// One round of socket I/O: writes what is queued, reads what is ready.
+    /// Returns once anything moved.
+    async fn pump(&mut self) -> Result<(), Closed> {
+        let Session {
+            client,
+            cbuf,
+            to_client,
+            to_server,
+            server,
+            ..
+        } = self;
+        let server = server.as_mut().map(|s| {
+            let s: &mut ServerConn = s;
+            s
+        });
+        let mut server = server.map(|s| (&mut s.stream, &mut s.rbuf));
+        poll_fn(|cx| {
+            let mut progress = false;
+            progress |= write_some(client, to_client, cx).map_err(|_| Closed::Client)?;
+            if let Some((stream, rbuf)) = server.as_mut() {
+                progress |= write_some(&mut **stream, to_server, cx).map_err(Closed::Server)?;
+                if to_client.len() < HIGH_WATER {
+                    progress |= read_some(&mut **stream, rbuf, cx).map_err(Closed::Server)?;
+                }
+            }
+            if to_server.len() < HIGH_WATER {
+                progress |= read_some(client, cbuf, cx).map_err(|_| Closed::Client)?;
+            }
+            if progress {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    async fn flush_client(&mut self) -> Result<(), ClientError> {
+        if !self.to_client.is_empty() {
+            self.client.write_all(&self.to_client).await?;
+            self.to_client.clear();
+        }
+        Ok(())
+    }
+
+    /// The server connection died: pass on what it said, then tell the client.
+    async fn server_lost(&mut self, e: io::Error) -> Result<CloseReason, ClientError> {
+        let _ = self.relay_server_frames();
+        self.flush_client().await?;
+        // Dropping the checkout closes the connection; the pool opens a new one.
+        self.server = None;
+        tracing::warn!(error = %e, "server connection lost mid-session");
+        if self.server_said_fatal {
+            // The server explained itself (shutdown, terminated backend): that is the client's error.
+            return Ok("server closed the connection");
+        }
+        Err(PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            "server closed the connection unexpectedly",
+        )
+        .with_detail("pgswitch lost its connection to the database server while this session was using it.")
+        .into())
+    }
+
+    fn shrink_buffers(&mut self) {
+        for buf in [&mut self.cbuf, &mut self.to_client, &mut self.to_server] {
+            if buf.is_empty() && buf.capacity() > IDLE_BUFFER_KEEP {
+                *buf = BytesMut::new();
+            }
+        }
+    }
+}
+
+/// Writes as much of `buf` as the socket takes now. True if anything was written.
+fn write_some<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut, cx: &mut Context<'_>) -> Result<bool, io::Error> {
+    let mut wrote = false;
+    while !buf.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(wrote)
+}
+
+/// Reads what the socket has now. True if anything was read; EOF is an error.
+fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut, cx: &mut Context<'_>) -> Result<bool, io::Error> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8 * 1024);
+    }
+    let n = match poll_read_buf(Pin::new(stream), cx, buf) {
+        Poll::Ready(r) => r?,
+        Poll::Pending => return Ok(false),
+    };
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(true)
+}
+
+/// What a client message did to the session's statement state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    DeallocateAll,
+    DiscardAll,
+}
+
+/// Rewrites one client message for the server in transaction mode.
+struct Translator<'a> {
+    app: &'a App,
+    server: &'a mut ServerConn,
+    statements: &'a mut HashMap<Bytes, Arc<Statement>>,
+    pipeline: &'a mut Pipeline,
+    to_server: &'a mut BytesMut,
+    to_client: &'a mut BytesMut,
+}
+
+impl Translator<'_> {
+    fn translate(&mut self, tag: u8, frame: &[u8]) -> Result<Option<Reset>, PgError> {
+        if self.pipeline.skipping() {
+            // The server discards everything up to the next Sync after an error; so do we.
+            if tag == frontend::SYNC {
+                self.pipeline.end_skip();
+                self.forward(frame, Some(Reply::Sync));
+            }
+            return Ok(None);
+        }
+        let body = &frame[5..];
+        match tag {
+            frontend::PARSE => self.parse(frame, body)?,
+            frontend::BIND => self.bind(frame, body)?,
+            frontend::DESCRIBE => self.describe(frame, body)?,
+            frontend::CLOSE => self.close(frame, body)?,
+            frontend::EXECUTE => self.forward(frame, Some(Reply::Execute)),
+            frontend::SYNC => self.forward(frame, Some(Reply::Sync)),
+            frontend::QUERY => return self.query(frame, body),
+            frontend::FUNCTION_CALL => self.forward(frame, Some(Reply::FunctionCall)),
+            // Flush, COPY data and anything else: no reply of their own.
+            _ => self.forward(frame, None),
+        }
+        Ok(None)
+    }
+
+    fn forward(&mut self, frame: &[u8], reply: Option<Reply>) {
+        self.to_server.extend_from_slice(frame);
+        self.server.tx_status = b'?';
+        if let Some(reply) = reply {
+            self.pipeline.request(reply, Undo::None);
+        }
+    }
+
+    fn parse(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let (name, rest) = messages::split_name(body)?;
+        if name.is_empty() {
+            self.forward(frame, Some(Reply::Parse));
+            return Ok(());
+        }
+        let stmt = self.app.statements.intern(rest);
+        self.statements.insert(Bytes::copy_from_slice(name), stmt.clone());
+        if self.server.statements.touch(stmt.id) {
+            self.pipeline.synthetic(Synthetic::ParseComplete, self.to_client);
+        } else {
+            self.evict_for(stmt.id);
+            messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
+            self.server.tx_status = b'?';
+            self.pipeline.request(Reply::Parse, Undo::Prepared(stmt.id));
+        }
+        Ok(())
+    }
+
+    /// Makes room in the server's statement cache for `id` and records it.
+    fn evict_for(&mut self, id: u64) {
+        if let Some(old) = self.server.statements.insert(id) {
+            messages::close_statement(self.to_server, format!("pgsw_{old}").as_bytes());
+            self.pipeline.hidden(Reply::Close, Undo::Closed(old));
+        }
+    }
+
+    /// Prepares a client's statement on this server if it isn't there yet.
+    fn ensure_prepared(&mut self, stmt: &Statement) {
+        if !self.server.statements.touch(stmt.id) {
+            self.evict_for(stmt.id);
+            messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
+            self.pipeline.hidden(Reply::Parse, Undo::Prepared(stmt.id));
+        }
+    }
+
+    fn bind(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let bind = messages::split_bind(body)?;
+        // An unknown name goes through as is: the server answers 26000 with the
+        // client's own statement name, exactly as without a proxy.
+        match self.known(bind.statement) {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt);
+                messages::bind_renamed(self.to_server, bind.portal, &stmt.server_name, bind.rest);
+                self.server.tx_status = b'?';
+                self.pipeline.request(Reply::Bind, Undo::None);
+            }
+            None => self.forward(frame, Some(Reply::Bind)),
+        }
+        Ok(())
+    }
+
+    fn describe(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let (kind, name) = messages::split_target(body)?;
+        match self.known(name).filter(|_| kind == b'S') {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt);
+                messages::describe_statement(self.to_server, &stmt.server_name);
+                self.server.tx_status = b'?';
+                self.pipeline.request(Reply::Describe, Undo::None);
+            }
+            None => self.forward(frame, Some(Reply::Describe)),
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let (kind, name) = messages::split_target(body)?;
+        // The server keeps the shared preparation (other clients may use it);
+        // only the client's name goes away.
+        if kind == b'S' && !name.is_empty() && self.statements.remove(name).is_some() {
+            self.pipeline.synthetic(Synthetic::CloseComplete, self.to_client);
+        } else {
+            self.forward(frame, Some(Reply::Close));
+        }
+        Ok(())
+    }
+
+    fn known(&self, name: &[u8]) -> Option<Arc<Statement>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.statements.get(name).cloned()
+    }
+
+    /// Simple queries pass through, except the statement-management commands
+    /// that concern the proxy's names: DEALLOCATE of a protocol-level statement
+    /// and DISCARD ALL between transactions are answered by the proxy.
+    fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Option<Reset>, PgError> {
+        let sql = body.strip_suffix(b"\0").unwrap_or(body);
+        let reset = match statement_command(sql) {
+            Some(Command::DeallocateAll) => {
+                self.pipeline.synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);
+                Some(Reset::DeallocateAll)
+            }
+            Some(Command::Deallocate(name)) if self.statements.remove(name.as_bytes()).is_some() => {
+                self.pipeline.synthetic(Synthetic::Command("DEALLOCATE"), self.to_client);
+                None
+            }
+            Some(Command::DiscardAll) if self.pipeline.client_status() == b'I' && self.pipeline.is_idle() => {
+                self.pipeline.synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
+                Some(Reset::DiscardAll)
+            }
+            _ => {
+                self.forward(frame, Some(Reply::Query));
+                None
+            }
+        };
+        Ok(reset)
+    }
+}
+
+enum Command {
+    Deallocate(String),
+    DeallocateAll,
+    DiscardAll,
+}
+
+/// Recognizes `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (alone, with an
+/// optional semicolon). A cheap prefix test keeps this off every other query.
+fn statement_command(sql: &[u8]) -> Option<Command> {
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(first, b'd' | b'D') {
+        return None;
+    }
+    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim_end();
+    let mut words = text.split_ascii_whitespace();
+    let verb = words.next()?.to_ascii_lowercase();
+    let mut arg = words.next()?;
+    match verb.as_str() {
+        "discard" if arg.eq_ignore_ascii_case("all") && words.next().is_none() => Some(Command::DiscardAll),
+        "deallocate" => {
+            if arg.eq_ignore_ascii_case("prepare") {
+                arg = words.next()?;
+            }
+            if words.next().is_some() {
+                return None;
+            }
+            if arg.eq_ignore_ascii_case("all") {
+                return Some(Command::DeallocateAll);
+            }
+            identifier(arg).map(Command::Deallocate)
+        }
+        _ => None,
+    }
+}
+
+/// An SQL identifier as PostgreSQL reads it: quoted keeps case, unquoted folds.
+fn identifier(word: &str) -> Option<String> {
+    match word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        Some(quoted) => Some(quoted.replace("\"\"", "\"")),
+        None if !word.contains('"') => Some(word.to_ascii_lowercase()),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_statement_commands() {
+        assert!(matches!(statement_command(b"DEALLOCATE ALL"), Some(Command::DeallocateAll)));
+        assert!(matches!(statement_command(b" deallocate prepare all;"), Some(Command::DeallocateAll)));
+        assert!(matches!(statement_command(b"DEALLOCATE _pg3_1"), Some(Command::Deallocate(n)) if n == "_pg3_1"));
+        assert!(matches!(statement_command(b"DEALLOCATE S_1"), Some(Command::Deallocate(n)) if n == "s_1"));
+        assert!(matches!(statement_command(b"deallocate \"S_1\""), Some(Command::Deallocate(n)) if n == "S_1"));
+        assert!(matches!(statement_command(b"discard all"), Some(Command::DiscardAll)));
+        assert!(statement_command(b"discard plans").is_none());
+        assert!(statement_command(b"delete from t").is_none());
+        assert!(statement_command(b"select 1").is_none());
+        assert!(statement_command(b"DEALLOCATE a; select 1").is_none());
+    }
+}

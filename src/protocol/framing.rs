@@ -1,0 +1,210 @@
+//! Framing by header: a message is one tag byte and a big-endian i32 length that
+//! counts itself but not the tag. The hot path never decodes bodies; it reads
+//! headers to find message boundaries and forwards the bytes untouched.
+
+use bytes::{Buf, BytesMut};
+
+use super::error::PgError;
+
+/// Largest message the proxy accepts. PostgreSQL's own limit is 1 GiB
+/// (`PQ_LARGE_MESSAGE_LIMIT`); anything claiming more is a broken or hostile peer.
+pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// Startup packets are small; PostgreSQL caps them at 10 000 bytes.
+pub const MAX_STARTUP_LEN: usize = 10_000;
+
+pub const PROTOCOL_3_0: i32 = 196_608;
+pub const SSL_REQUEST_CODE: i32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+
+/// Header of one complete message at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub tag: u8,
+    /// Total length on the wire: tag + length field + body.
+    pub len: usize,
+}
+
+impl FrameHeader {
+    /// Reads the header at the start of `buf`. `Ok(None)` when fewer than five bytes
+    /// are buffered; an error when the length field is impossible.
+    #[inline]
+    pub fn peek(buf: &[u8]) -> Result<Option<FrameHeader>, PgError> {
+        if buf.len() < 5 {
+            return Ok(None);
+        }
+        let declared = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        if declared < 4 || declared as usize > MAX_MESSAGE_LEN {
+            return Err(PgError::protocol(format!(
+                "invalid message length {declared} for message type '{}'",
+                buf[0].escape_ascii()
+            )));
+        }
+        Ok(Some(FrameHeader {
+            tag: buf[0],
+            len: declared as usize + 1,
+        }))
+    }
+
+    /// The header of the next message if the whole message is buffered.
+    #[inline]
+    pub fn complete(buf: &[u8]) -> Result<Option<FrameHeader>, PgError> {
+        Ok(Self::peek(buf)?.filter(|h| buf.len() >= h.len))
+    }
+}
+
+/// The first packet of a connection, which has no tag byte.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartupPacket {
+    Startup {
+        version: i32,
+        /// Key/value pairs in the order the client sent them.
+        params: Vec<(String, String)>,
+    },
+    SslRequest,
+    GssEncRequest,
+    Cancel {
+        pid: u32,
+        secret: u32,
+    },
+}
+
+/// Splits a startup packet off the front of `buf`, if complete.
+pub fn take_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, PgError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
+        return Err(PgError::protocol(format!("invalid length of startup packet: {len}")));
+    }
+    let len = len as usize;
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let mut packet = buf.split_to(len);
+    packet.advance(4);
+    let code = packet.get_i32();
+    let parsed = match code {
+        SSL_REQUEST_CODE if len == 8 => StartupPacket::SslRequest,
+        GSSENC_REQUEST_CODE if len == 8 => StartupPacket::GssEncRequest,
+        CANCEL_REQUEST_CODE if len == 16 => StartupPacket::Cancel {
+            pid: packet.get_u32(),
+            secret: packet.get_u32(),
+        },
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => {
+            return Err(PgError::protocol("invalid length of startup packet"))
+        }
+        version => StartupPacket::Startup {
+            version,
+            params: parse_startup_params(&packet)?,
+        },
+    };
+    Ok(Some(parsed))
+}
+
+fn parse_startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, PgError> {
+    let mut params = Vec::new();
+    loop {
+        let key = read_cstr(&mut body)?;
+        if key.is_empty() {
+            break;
+        }
+        let value = read_cstr(&mut body)?;
+        params.push((key.to_owned(), value.to_owned()));
+    }
+    if !body.is_empty() {
+        return Err(PgError::protocol("invalid startup packet layout: expected terminator as last byte"));
+    }
+    Ok(params)
+}
+
+/// Reads a NUL-terminated UTF-8 string and advances past it.
+pub fn read_cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a str, PgError> {
+    let bytes = read_cbytes(buf)?;
+    std::str::from_utf8(bytes).map_err(|_| PgError::protocol("invalid UTF-8 in message string"))
+}
+
+/// Reads NUL-terminated bytes and advances past the terminator.
+#[inline]
+pub fn read_cbytes<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], PgError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| PgError::protocol("missing string terminator in message"))?;
+    let (s, rest) = buf.split_at(end);
+    *buf = &rest[1..];
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    fn startup(params: &[(&str, &str)]) -> BytesMut {
+        let mut body = BytesMut::new();
+        body.put_i32(PROTOCOL_3_0);
+        for (k, v) in params {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut out = BytesMut::new();
+        out.put_i32(body.len() as i32 + 4);
+        out.put_slice(&body);
+        out
+    }
+
+    #[test]
+    fn parses_startup_params_in_order() {
+        let mut buf = startup(&[("user", "app"), ("database", "db")]);
+        let parsed = take_startup(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            parsed,
+            StartupPacket::Startup {
+                version: PROTOCOL_3_0,
+                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+            }
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn waits_for_a_partial_startup() {
+        let full = startup(&[("user", "app")]);
+        let mut buf = BytesMut::from(&full[..full.len() - 1]);
+        assert_eq!(take_startup(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        for bytes in [
+            &[0u8, 0, 0, 2][..],
+            &[0xff, 0xff, 0xff, 0xff],
+            &[0, 0, 0, 8, 0, 3, 0, 0],
+            &[0, 0, 0, 9, 0, 3, 0, 0, b'u'],
+            &[0, 0, 0, 12, 4, 0xd2, 0x16, 0x2f, 0, 0, 0, 0],
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            let _ = take_startup(&mut buf);
+        }
+        let mut bad_len = BytesMut::from(&[0u8, 0, 0, 2][..]);
+        assert!(take_startup(&mut bad_len).is_err());
+    }
+
+    #[test]
+    fn frame_header_checks_length() {
+        assert_eq!(FrameHeader::peek(b"Z\0\0").unwrap(), None);
+        assert_eq!(
+            FrameHeader::peek(b"Z\0\0\0\x05I").unwrap(),
+            Some(FrameHeader { tag: b'Z', len: 6 })
+        );
+        assert!(FrameHeader::peek(b"Z\0\0\0\x03").is_err());
+        assert!(FrameHeader::peek(b"D\x7f\xff\xff\xff").is_err());
+        assert_eq!(FrameHeader::complete(b"Z\0\0\0\x05").unwrap(), None);
+    }
+}

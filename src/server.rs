@@ -1,0 +1,335 @@
+//! One connection from pgswitch to a PostgreSQL server: connect, log in as the
+//! client's user, remember what the server reported, and know whether it is
+//! still usable.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::protocol::error::{sqlstate, ServerErrorFields, SqlState};
+use crate::protocol::framing::read_cstr;
+use crate::protocol::messages::{self, backend};
+use crate::protocol::{FrameHeader, PgError};
+use crate::session_params::ParamSet;
+use crate::statements::ServerStatements;
+
+/// Where a backend listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Who pgswitch logs in as.
+#[derive(Clone)]
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("timed out connecting to {addr}")]
+    ConnectTimeout { addr: String },
+    #[error("server {addr} refused the login: {} {}", fields.code, fields.message)]
+    Refused { addr: String, fields: ServerErrorFields },
+    #[error("server {addr} asked for a password, but none is configured for user {user:?}")]
+    NoPassword { addr: String, user: String },
+    #[error("server {addr} asked for unsupported authentication (code {code})")]
+    UnsupportedAuth { addr: String, code: i32 },
+    #[error("server {addr} broke the protocol: {message}")]
+    Protocol { addr: String, message: String },
+    #[error("server connection lost: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ServerError {
+    /// The error a client sees when its server connection could not be had.
+    pub fn to_client_error(&self) -> PgError {
+        match self {
+            // The server's own verdict (wrong password, unknown database, too many
+            // connections...) is what the client would have got connecting directly.
+            ServerError::Refused { fields, .. } => {
+                PgError::fatal(SqlState::parse(&fields.code), fields.message.clone())
+            }
+            other => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgswitch: {other}")),
+        }
+    }
+}
+
+pub struct ServerConn {
+    pub stream: TcpStream,
+    pub rbuf: BytesMut,
+    pub addr: Arc<BackendAddr>,
+    /// The server's own BackendKeyData, for forwarding cancels.
+    pub backend_pid: u32,
+    pub backend_secret: u32,
+    /// Every ParameterStatus this connection has reported, canonical names.
+    pub reported: Vec<(String, String)>,
+    /// The session parameters last applied to this connection.
+    pub applied: Arc<ParamSet>,
+    pub statements: ServerStatements,
+    pub created: Instant,
+    pub idle_since: Instant,
+    /// Status byte of the last ReadyForQuery: b'I', b'T' or b'E'.
+    pub tx_status: u8,
+}
+
+impl ServerConn {
+    pub async fn connect(
+        addr: Arc<BackendAddr>,
+        login: &Login,
+        connect_timeout: Duration,
+        statement_capacity: usize,
+    ) -> Result<ServerConn, ServerError> {
+        let target = (addr.host.as_str(), addr.port);
+        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
+            Err(_) => return Err(ServerError::ConnectTimeout { addr: addr.to_string() }),
+            Ok(Err(source)) => return Err(ServerError::Connect { addr: addr.to_string(), source }),
+            Ok(Ok(s)) => s,
+        };
+        stream.set_nodelay(true)?;
+        let now = Instant::now();
+        let mut conn = ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            addr,
+            backend_pid: 0,
+            backend_secret: 0,
+            reported: Vec::new(),
+            applied: Arc::new(ParamSet::default()),
+            statements: ServerStatements::new(statement_capacity),
+            created: now,
+            idle_since: now,
+            tx_status: b'I',
+        };
+        match tokio::time::timeout(connect_timeout, conn.login(login)).await {
+            Ok(result) => result.map(|()| conn),
+            Err(_) => Err(ServerError::ConnectTimeout { addr: conn.addr.to_string() }),
+        }
+    }
+
+    async fn login(&mut self, login: &Login) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        messages::startup(&mut out, &[("user", &login.user), ("database", &login.database)]);
+        self.stream.write_all(&out).await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                backend::AUTHENTICATION => self.authenticate(login, &body, &mut scram).await?,
+                backend::PARAMETER_STATUS => {
+                    self.record_parameter(&body)?;
+                }
+                backend::BACKEND_KEY_DATA if body.len() == 8 => {
+                    let mut b = &body[..];
+                    self.backend_pid = b.get_u32();
+                    self.backend_secret = b.get_u32();
+                }
+                backend::READY_FOR_QUERY => return Ok(()),
+                backend::ERROR_RESPONSE => {
+                    return Err(ServerError::Refused {
+                        addr: self.addr.to_string(),
+                        fields: ServerErrorFields::parse(&body),
+                    })
+                }
+                backend::NOTICE_RESPONSE => {}
+                other => return Err(self.protocol_error(format!("unexpected message '{}' during login", other as char))),
+            }
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        login: &Login,
+        body: &[u8],
+        scram: &mut Option<ScramSha256>,
+    ) -> Result<(), ServerError> {
+        if body.len() < 4 {
+            return Err(self.protocol_error("short authentication message".into()));
+        }
+        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        let data = &body[4..];
+        let password = || {
+            login.password.as_deref().ok_or_else(|| ServerError::NoPassword {
+                addr: self.addr.to_string(),
+                user: login.user.clone(),
+            })
+        };
+        let mut out = BytesMut::new();
+        match code {
+            messages::AUTH_OK => return Ok(()),
+            messages::AUTH_CLEARTEXT => {
+                let mut pw = password()?.as_bytes().to_vec();
+                pw.push(0);
+                messages::password(&mut out, &pw);
+            }
+            messages::AUTH_MD5 => {
+                let salt: [u8; 4] = data
+                    .try_into()
+                    .map_err(|_| self.protocol_error("bad md5 salt".into()))?;
+                let hash = postgres_protocol::authentication::md5_hash(login.user.as_bytes(), password()?.as_bytes(), salt);
+                let mut pw = hash.into_bytes();
+                pw.push(0);
+                messages::password(&mut out, &pw);
+            }
+            messages::AUTH_SASL => {
+                let offers_scram = data.split(|b| *b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                if !offers_scram {
+                    return Err(ServerError::UnsupportedAuth { addr: self.addr.to_string(), code });
+                }
+                let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                messages::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
+                *scram = Some(client);
+            }
+            messages::AUTH_SASL_CONTINUE => {
+                let client = scram
+                    .as_mut()
+                    .ok_or_else(|| self.protocol_error("SASL continue without SASL start".into()))?;
+                client
+                    .update(data)
+                    .map_err(|e| self.protocol_error(format!("SCRAM: {e}")))?;
+                messages::password(&mut out, client.message());
+            }
+            messages::AUTH_SASL_FINAL => {
+                let mut client = scram
+                    .take()
+                    .ok_or_else(|| self.protocol_error("SASL final without SASL start".into()))?;
+                // Verifies the server's signature: a server that can't prove it knows
+                // the password is not the server we meant to reach.
+                client
+                    .finish(data)
+                    .map_err(|e| self.protocol_error(format!("SCRAM server signature: {e}")))?;
+                return Ok(());
+            }
+            code => return Err(ServerError::UnsupportedAuth { addr: self.addr.to_string(), code }),
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    fn protocol_error(&self, message: String) -> ServerError {
+        ServerError::Protocol { addr: self.addr.to_string(), message }
+    }
+
+    /// Records a ParameterStatus body; returns the (name, value) pair.
+    pub fn record_parameter(&mut self, body: &[u8]) -> Result<(String, String), ServerError> {
+        let mut b = body;
+        let (name, value) = match (read_cstr(&mut b), read_cstr(&mut b)) {
+            (Ok(n), Ok(v)) => (n.to_owned(), v.to_owned()),
+            _ => return Err(self.protocol_error("malformed ParameterStatus".into())),
+        };
+        match self.reported.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value.clone(),
+            None => self.reported.push((name.clone(), value.clone())),
+        }
+        Ok((name, value))
+    }
+
+    /// Reads one whole message (outside the hot path: login, hidden queries).
+    pub async fn read_message(&mut self) -> Result<(u8, BytesMut), ServerError> {
+        loop {
+            match FrameHeader::complete(&self.rbuf) {
+                Ok(Some(h)) => {
+                    let mut msg = self.rbuf.split_to(h.len);
+                    msg.advance(5);
+                    return Ok((h.tag, msg));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.protocol_error(e.message)),
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ServerError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Runs a query whose results nobody sees, outside any client's pipeline.
+    /// Returns the ParameterStatus reports it caused, or the server's error.
+    pub async fn run_hidden(&mut self, sql: &str) -> Result<Vec<(String, String)>, HiddenQueryError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut reports = Vec::new();
+        let mut failure = None;
+        loop {
+            let (tag, body) = self.read_message().await?;
+            match tag {
+                backend::PARAMETER_STATUS => reports.push(self.record_parameter(&body)?),
+                backend::ERROR_RESPONSE => failure = Some(ServerErrorFields::parse(&body)),
+                backend::READY_FOR_QUERY => {
+                    self.tx_status = body.first().copied().unwrap_or(b'I');
+                    return match failure {
+                        Some(fields) => Err(HiddenQueryError::Failed(fields)),
+                        None => Ok(reports),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether an idle connection is still open and quiet. A server that closed
+    /// it (restart, pg_terminate_backend, idle timeout) has sent EOF or a FATAL
+    /// error, both of which show up as readable bytes.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.rbuf.is_empty() || self.tx_status != b'I' {
+            return false;
+        }
+        let mut probe = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf), Poll::Pending)
+    }
+
+    /// Says goodbye to the server without waiting; the socket closes on drop.
+    pub fn terminate(&mut self) {
+        let _ = self.stream.try_write(messages::TERMINATE);
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        // Spares the server log an "unexpected EOF" line for every pooled connection closed.
+        self.terminate();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HiddenQueryError {
+    #[error("{} {}", .0.code, .0.message)]
+    Failed(ServerErrorFields),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+impl From<io::Error> for HiddenQueryError {
+    fn from(e: io::Error) -> Self {
+        HiddenQueryError::Server(ServerError::Io(e))
+    }
+}
+
+impl HiddenQueryError {
+    pub fn to_client_error(&self) -> PgError {
+        match self {
+            HiddenQueryError::Failed(fields) => PgError::fatal(SqlState::parse(&fields.code), fields.message.clone()),
+            HiddenQueryError::Server(e) => e.to_client_error(),
+        }
+    }
+}
