@@ -100,7 +100,14 @@ fi
 # ---------------------------------------------------------------- state + cleanup
 WORK=$(mktemp -d /tmp/pgswitch-bench.XXXXXX)
 chmod 755 "$WORK"
-mkdir -p "$WORK/sock" "$WORK/logs"
+mkdir -p "$WORK/sock"
+# pgbench's per-transaction logs (~20 MB per 15 s run) go to tmpfs when there is one, so that
+# writing them back to disk does not stall the runs; each is deleted once parsed.
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    LOGDIR=$(mktemp -d /dev/shm/pgswitch-bench-logs.XXXXXX)
+else
+    LOGDIR="$WORK/logs"; mkdir -p "$LOGDIR"
+fi
 [ ${#AS_PG[@]} -gt 0 ] && chown -R postgres: "$WORK"
 PG_STARTED=0
 declare -A PIDS=()      # name -> pid of things we started in the background
@@ -130,9 +137,9 @@ cleanup() {
             || "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -m immediate -w stop >/dev/null 2>&1
     fi
     if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "kept $WORK"
+        log "kept $WORK and ${LOGDIR:-}"
     else
-        rm -rf "$WORK"
+        rm -rf "$WORK" ${LOGDIR:+"$LOGDIR"}
     fi
     exit "$rc"
 }
@@ -317,7 +324,7 @@ run_pgbench() {  # target workload round secs [record]
     local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags
     port=$(target_port "$t")
     flags=$(workload_flags "$w")
-    dir="$WORK/logs/$w-$t-$r"
+    dir="$LOGDIR/$w-$t-$r"
     mkdir -p "$dir"
     set +e
     # shellcheck disable=SC2086

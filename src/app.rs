@@ -26,7 +26,10 @@ pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -67,7 +70,8 @@ impl App {
                 )
             })
         };
-        let blue = backend(Side::Blue).unwrap_or_else(|| unreachable!("[backends.blue] is required by the config schema"));
+        let blue = backend(Side::Blue)
+            .unwrap_or_else(|| unreachable!("[backends.blue] is required by the config schema"));
         let green = backend(Side::Green);
         let active = match (config.cutover.active, &green) {
             (Side::Green, Some(green)) => green.clone(),
@@ -141,8 +145,13 @@ impl App {
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         let (config, secrets) = loaded;
         let old = self.config.load_full();
-        if config.proxy.listen != old.proxy.listen || config.backends.blue != old.backends.blue || config.backends.green != old.backends.green {
-            tracing::warn!("listen address and backends change only on restart; other settings reloaded");
+        if config.proxy.listen != old.proxy.listen
+            || config.backends.blue != old.backends.blue
+            || config.backends.green != old.backends.green
+        {
+            tracing::warn!(
+                "listen address and backends change only on restart; other settings reloaded"
+            );
         }
         for backend in self.backends() {
             for pool in backend.pools() {
@@ -160,7 +169,9 @@ fn pool_settings(config: &Config, key: &PoolKey) -> PoolSettings {
     let proxy = &config.proxy;
     let user = config.user(&key.user);
     PoolSettings {
-        size: user.and_then(|u| u.pool_size).unwrap_or(proxy.default_pool_size),
+        size: user
+            .and_then(|u| u.pool_size)
+            .unwrap_or(proxy.default_pool_size),
         min_size: proxy.min_pool_size,
         query_wait_timeout: proxy.query_wait_timeout,
         idle_timeout: proxy.server_idle_timeout,
@@ -177,7 +188,12 @@ fn pool_settings(config: &Config, key: &PoolKey) -> PoolSettings {
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
     let listen_err = |source| AppError::Listen { addr, source };
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(listen_err)?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(listen_err)?;
     socket.set_reuseaddr(true).map_err(listen_err)?;
     socket.bind(addr).map_err(listen_err)?;
     // A deep backlog: a reconnect storm after a restart must not see refusals.
@@ -227,7 +243,11 @@ pub async fn run(app: Arc<App>) -> Result<(), AppError> {
 /// then returns (the process exit closes the rest).
 async fn shutdown(app: &App) {
     let timeout = app.config().proxy.shutdown_timeout;
-    tracing::info!(clients = app.client_count(), ?timeout, "shutting down: waiting for transactions to finish");
+    tracing::info!(
+        clients = app.client_count(),
+        ?timeout,
+        "shutting down: waiting for transactions to finish"
+    );
     app.shutdown.send_replace(true);
     let deadline = tokio::time::Instant::now() + timeout;
     while app.client_count() > 0 && tokio::time::Instant::now() < deadline {

@@ -46,7 +46,11 @@ pub struct CancelKey {
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        self.registry.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.pid);
+        self.registry
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.pid);
     }
 }
 
@@ -59,7 +63,10 @@ impl CancelRegistry {
             secret,
             target: Mutex::new(None),
         });
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, slot.clone());
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pid, slot.clone());
         CancelKey {
             pid,
             secret,
@@ -74,11 +81,17 @@ impl CancelRegistry {
     pub async fn cancel(&self, pid: u32, secret: u32) -> bool {
         let target = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(slot) = slots.get(&pid) else { return false };
+            let Some(slot) = slots.get(&pid) else {
+                return false;
+            };
             if !bool::from(slot.secret.ct_eq(&secret)) {
                 return false;
             }
-            let target = slot.target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let target = slot
+                .target
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             target
         };
         let Some(target) = target else { return false };

@@ -236,13 +236,19 @@ impl Config {
             return Err(invalid("proxy.default_pool_size", "must be at least 1"));
         }
         if p.min_pool_size > p.default_pool_size {
-            return Err(invalid("proxy.min_pool_size", "must not exceed default_pool_size"));
+            return Err(invalid(
+                "proxy.min_pool_size",
+                "must not exceed default_pool_size",
+            ));
         }
         if p.max_client_conn == 0 {
             return Err(invalid("proxy.max_client_conn", "must be at least 1"));
         }
         if p.prepared_statements_per_server == 0 {
-            return Err(invalid("proxy.prepared_statements_per_server", "must be at least 1"));
+            return Err(invalid(
+                "proxy.prepared_statements_per_server",
+                "must be at least 1",
+            ));
         }
         if self.backends.get(self.cutover.active).is_none() {
             return Err(invalid(
@@ -257,7 +263,10 @@ impl Config {
                 return Err(invalid(&format!("{key}.name"), "must not be empty"));
             }
             if !seen.insert(user.name.as_str()) {
-                return Err(invalid(&format!("{key}.name"), &format!("user {:?} is listed twice", user.name)));
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    &format!("user {:?} is listed twice", user.name),
+                ));
             }
             if user.pool_size == Some(0) {
                 return Err(invalid(&format!("{key}.pool_size"), "must be at least 1"));
@@ -277,7 +286,8 @@ impl Config {
     }
 
     pub fn pool_mode_for(&self, user: Option<&UserConfig>) -> PoolMode {
-        user.and_then(|u| u.pool_mode).unwrap_or(self.proxy.pool_mode)
+        user.and_then(|u| u.pool_mode)
+            .unwrap_or(self.proxy.pool_mode)
     }
 }
 
@@ -313,7 +323,8 @@ mod tests {
 
     #[test]
     fn durations_are_human() {
-        let c = parse(&MINIMAL.replace("[proxy]", "[proxy]\nquery_wait_timeout = \"1500ms\"")).unwrap();
+        let c =
+            parse(&MINIMAL.replace("[proxy]", "[proxy]\nquery_wait_timeout = \"1500ms\"")).unwrap();
         assert_eq!(c.proxy.query_wait_timeout, Duration::from_millis(1500));
     }
 
@@ -329,7 +340,10 @@ mod tests {
 
     #[test]
     fn debug_never_prints_passwords() {
-        let c = parse(&format!("{MINIMAL}\n[[users]]\nname = \"a\"\npassword = \"hunter2\"")).unwrap();
+        let c = parse(&format!(
+            "{MINIMAL}\n[[users]]\nname = \"a\"\npassword = \"hunter2\""
+        ))
+        .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -9,7 +9,11 @@ use pgswitch::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "pgswitch", version, about = "PostgreSQL proxy for zero-downtime blue/green cutovers")]
+#[command(
+    name = "pgswitch",
+    version,
+    about = "PostgreSQL proxy for zero-downtime blue/green cutovers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,8 +36,11 @@ enum Command {
 
 fn init_logging(config: &Config) {
     // RUST_LOG, when set, overrides the configured level.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.proxy.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&config.proxy.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match config.proxy.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -62,7 +69,10 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("pgswitch: cannot start the runtime: {e}");

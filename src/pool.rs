@@ -46,7 +46,11 @@ pub struct PoolSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("no server connection for {key} became free within query_wait_timeout ({timeout:?}); all {size} are busy")]
-    WaitTimeout { key: String, timeout: Duration, size: usize },
+    WaitTimeout {
+        key: String,
+        timeout: Duration,
+        size: usize,
+    },
     #[error("the pool for {0} is closed")]
     Closed(String),
     #[error(transparent)]
@@ -58,9 +62,13 @@ impl PoolError {
         match self {
             PoolError::WaitTimeout { .. } => {
                 PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("pgswitch: {self}"))
-                    .with_hint("Raise the pool size or query_wait_timeout, or look for long transactions.")
+                    .with_hint(
+                        "Raise the pool size or query_wait_timeout, or look for long transactions.",
+                    )
             }
-            PoolError::Closed(_) => PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgswitch: {self}")),
+            PoolError::Closed(_) => {
+                PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgswitch: {self}"))
+            }
             PoolError::Server(e) => e.to_client_error(),
         }
     }
@@ -129,7 +137,11 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
-                let waited = tokio::time::timeout(settings.query_wait_timeout, self.slots.clone().acquire_owned()).await;
+                let waited = tokio::time::timeout(
+                    settings.query_wait_timeout,
+                    self.slots.clone().acquire_owned(),
+                )
+                .await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 match waited {
                     Ok(Ok(p)) => p,
@@ -189,7 +201,10 @@ impl Pool {
         let lifetime = self.settings.load().lifetime;
         if conn.tx_status == b'I' && conn.rbuf.is_empty() && conn.created.elapsed() < lifetime {
             conn.idle_since = Instant::now();
-            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
         } else {
             self.open.fetch_sub(1, Ordering::Relaxed);
         }
@@ -205,7 +220,10 @@ impl Pool {
     /// pool has seen them before, with the parameters to report to the client.
     pub fn known_params(&self, raw: &ParamSet) -> Option<(Arc<ParamSet>, Reported)> {
         let cache = self.params.lock().unwrap_or_else(|e| e.into_inner());
-        let key: Vec<(String, String)> = raw.iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect();
+        let key: Vec<(String, String)> = raw
+            .iter()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
         let set = cache.interned.get(&key)?.clone();
         let defaults = cache.server_defaults.clone()?;
         let reported = defaults
@@ -222,7 +240,10 @@ impl Pool {
     pub fn remember_params(&self, raw: &ParamSet, set: &Arc<ParamSet>) {
         let mut cache = self.params.lock().unwrap_or_else(|e| e.into_inner());
         if cache.interned.len() < MAX_INTERNED_PARAM_SETS {
-            let key = raw.iter().map(|(n, v)| (n.to_owned(), v.to_owned())).collect();
+            let key = raw
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect();
             cache.interned.insert(key, set.clone());
         }
     }
@@ -277,13 +298,17 @@ impl Pool {
         let settings = self.settings.load_full();
         let mut conn = self.connect(&settings).await?;
         conn.idle_since = Instant::now();
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
         Ok(())
     }
 
     /// Closes every idle connection (after a cutover, on shutdown).
     pub fn close_idle(&self) {
-        let drained: Vec<ServerConn> = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let drained: Vec<ServerConn> =
+            std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
         self.open.fetch_sub(drained.len(), Ordering::Relaxed);
     }
 
@@ -322,13 +347,17 @@ impl Deref for Checkout {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
         // Only `release` and `drop` take the connection, and both consume the checkout.
-        self.conn.as_ref().expect("checkout holds a connection until released")
+        self.conn
+            .as_ref()
+            .expect("checkout holds a connection until released")
     }
 }
 
 impl DerefMut for Checkout {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().expect("checkout holds a connection until released")
+        self.conn
+            .as_mut()
+            .expect("checkout holds a connection until released")
     }
 }
 

@@ -48,7 +48,10 @@ pub enum ServerError {
     #[error("timed out connecting to {addr}")]
     ConnectTimeout { addr: String },
     #[error("server {addr} refused the login: {} {}", fields.code, fields.message)]
-    Refused { addr: String, fields: ServerErrorFields },
+    Refused {
+        addr: String,
+        fields: ServerErrorFields,
+    },
     #[error("server {addr} asked for a password, but none is configured for user {user:?}")]
     NoPassword { addr: String, user: String },
     #[error("server {addr} asked for unsupported authentication (code {code})")]
@@ -100,8 +103,17 @@ impl ServerConn {
     ) -> Result<ServerConn, ServerError> {
         let target = (addr.host.as_str(), addr.port);
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
-            Err(_) => return Err(ServerError::ConnectTimeout { addr: addr.to_string() }),
-            Ok(Err(source)) => return Err(ServerError::Connect { addr: addr.to_string(), source }),
+            Err(_) => {
+                return Err(ServerError::ConnectTimeout {
+                    addr: addr.to_string(),
+                })
+            }
+            Ok(Err(source)) => {
+                return Err(ServerError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })
+            }
             Ok(Ok(s)) => s,
         };
         stream.set_nodelay(true)?;
@@ -121,13 +133,18 @@ impl ServerConn {
         };
         match tokio::time::timeout(connect_timeout, conn.login(login)).await {
             Ok(result) => result.map(|()| conn),
-            Err(_) => Err(ServerError::ConnectTimeout { addr: conn.addr.to_string() }),
+            Err(_) => Err(ServerError::ConnectTimeout {
+                addr: conn.addr.to_string(),
+            }),
         }
     }
 
     async fn login(&mut self, login: &Login) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
-        messages::startup(&mut out, &[("user", &login.user), ("database", &login.database)]);
+        messages::startup(
+            &mut out,
+            &[("user", &login.user), ("database", &login.database)],
+        );
         self.stream.write_all(&out).await?;
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -150,7 +167,12 @@ impl ServerConn {
                     })
                 }
                 backend::NOTICE_RESPONSE => {}
-                other => return Err(self.protocol_error(format!("unexpected message '{}' during login", other as char))),
+                other => {
+                    return Err(self.protocol_error(format!(
+                        "unexpected message '{}' during login",
+                        other as char
+                    )))
+                }
             }
         }
     }
@@ -167,10 +189,13 @@ impl ServerConn {
         let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         let data = &body[4..];
         let password = || {
-            login.password.as_deref().ok_or_else(|| ServerError::NoPassword {
-                addr: self.addr.to_string(),
-                user: login.user.clone(),
-            })
+            login
+                .password
+                .as_deref()
+                .ok_or_else(|| ServerError::NoPassword {
+                    addr: self.addr.to_string(),
+                    user: login.user.clone(),
+                })
         };
         let mut out = BytesMut::new();
         match code {
@@ -184,24 +209,34 @@ impl ServerConn {
                 let salt: [u8; 4] = data
                     .try_into()
                     .map_err(|_| self.protocol_error("bad md5 salt".into()))?;
-                let hash = postgres_protocol::authentication::md5_hash(login.user.as_bytes(), password()?.as_bytes(), salt);
+                let hash = postgres_protocol::authentication::md5_hash(
+                    login.user.as_bytes(),
+                    password()?.as_bytes(),
+                    salt,
+                );
                 let mut pw = hash.into_bytes();
                 pw.push(0);
                 messages::password(&mut out, &pw);
             }
             messages::AUTH_SASL => {
-                let offers_scram = data.split(|b| *b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                let offers_scram = data
+                    .split(|b| *b == 0)
+                    .any(|m| m == SCRAM_SHA_256.as_bytes());
                 if !offers_scram {
-                    return Err(ServerError::UnsupportedAuth { addr: self.addr.to_string(), code });
+                    return Err(ServerError::UnsupportedAuth {
+                        addr: self.addr.to_string(),
+                        code,
+                    });
                 }
-                let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                let client =
+                    ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                 messages::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
                 *scram = Some(client);
             }
             messages::AUTH_SASL_CONTINUE => {
-                let client = scram
-                    .as_mut()
-                    .ok_or_else(|| self.protocol_error("SASL continue without SASL start".into()))?;
+                let client = scram.as_mut().ok_or_else(|| {
+                    self.protocol_error("SASL continue without SASL start".into())
+                })?;
                 client
                     .update(data)
                     .map_err(|e| self.protocol_error(format!("SCRAM: {e}")))?;
@@ -218,14 +253,22 @@ impl ServerConn {
                     .map_err(|e| self.protocol_error(format!("SCRAM server signature: {e}")))?;
                 return Ok(());
             }
-            code => return Err(ServerError::UnsupportedAuth { addr: self.addr.to_string(), code }),
+            code => {
+                return Err(ServerError::UnsupportedAuth {
+                    addr: self.addr.to_string(),
+                    code,
+                })
+            }
         }
         self.stream.write_all(&out).await?;
         Ok(())
     }
 
     fn protocol_error(&self, message: String) -> ServerError {
-        ServerError::Protocol { addr: self.addr.to_string(), message }
+        ServerError::Protocol {
+            addr: self.addr.to_string(),
+            message,
+        }
     }
 
     /// Records a ParameterStatus body; returns the (name, value) pair.
@@ -262,7 +305,10 @@ impl ServerConn {
 
     /// Runs a query whose results nobody sees, outside any client's pipeline.
     /// Returns the ParameterStatus reports it caused, or the server's error.
-    pub async fn run_hidden(&mut self, sql: &str) -> Result<Vec<(String, String)>, HiddenQueryError> {
+    pub async fn run_hidden(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<(String, String)>, HiddenQueryError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
         self.stream.write_all(&out).await?;
@@ -295,7 +341,10 @@ impl ServerConn {
         let mut probe = [0u8; 64];
         let mut buf = ReadBuf::new(&mut probe);
         let mut cx = Context::from_waker(Waker::noop());
-        matches!(Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf), Poll::Pending)
+        matches!(
+            Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
     }
 
     /// Says goodbye to the server without waiting; the socket closes on drop.
@@ -328,7 +377,9 @@ impl From<io::Error> for HiddenQueryError {
 impl HiddenQueryError {
     pub fn to_client_error(&self) -> PgError {
         match self {
-            HiddenQueryError::Failed(fields) => PgError::fatal(SqlState::parse(&fields.code), fields.message.clone()),
+            HiddenQueryError::Failed(fields) => {
+                PgError::fatal(SqlState::parse(&fields.code), fields.message.clone())
+            }
             HiddenQueryError::Server(e) => e.to_client_error(),
         }
     }

@@ -83,7 +83,10 @@ impl ParamSet {
 
     fn insert(&mut self, name: &str, value: String) {
         let name = name.to_ascii_lowercase();
-        match self.entries.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
+        match self
+            .entries
+            .binary_search_by(|(n, _)| n.as_str().cmp(&name))
+        {
             Ok(i) => self.entries[i].1 = value,
             Err(i) => self.entries.insert(i, (name, value)),
         }
@@ -126,7 +129,13 @@ impl ParamSet {
         let sets: Vec<String> = self
             .iter()
             .filter(|(n, v)| current.get(n) != Some(v))
-            .map(|(n, v)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(n), quote_literal(v)))
+            .map(|(n, v)| {
+                format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    quote_literal(n),
+                    quote_literal(v)
+                )
+            })
             .collect();
         let resets: Vec<String> = current
             .iter()
@@ -167,7 +176,9 @@ fn quote_literal(s: &str) -> String {
 fn validate_name(name: &str) -> Result<(), PgError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -214,7 +225,9 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
         } else {
             return Err(unsupported(&w));
         };
-        let (name, value) = setting.split_once('=').ok_or_else(|| unsupported(&setting))?;
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| unsupported(&setting))?;
         pairs.push((name.replace('-', "_"), value.to_owned()));
     }
     Ok(pairs)
@@ -225,7 +238,10 @@ mod tests {
     use super::*;
 
     fn startup(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -234,7 +250,10 @@ mod tests {
             ("user", "app"),
             ("database", "db"),
             ("DateStyle", "ISO"),
-            ("options", "-c statement_timeout=5s --lock-timeout=1s -csearch_path=a,\\ b"),
+            (
+                "options",
+                "-c statement_timeout=5s --lock-timeout=1s -csearch_path=a,\\ b",
+            ),
         ]))
         .unwrap();
         let got: Vec<_> = set.iter().collect();
@@ -259,8 +278,13 @@ mod tests {
 
     #[test]
     fn transition_sets_differences_and_resets_leftovers() {
-        let want = ParamSet::from_startup(&startup(&[("application_name", "it's"), ("TimeZone", "UTC")])).unwrap();
-        let have = ParamSet::from_startup(&startup(&[("timezone", "UTC"), ("search_path", "x")])).unwrap();
+        let want = ParamSet::from_startup(&startup(&[
+            ("application_name", "it's"),
+            ("TimeZone", "UTC"),
+        ]))
+        .unwrap();
+        let have =
+            ParamSet::from_startup(&startup(&[("timezone", "UTC"), ("search_path", "x")])).unwrap();
         assert_eq!(
             want.transition_sql(&have).unwrap(),
             "SELECT pg_catalog.set_config(E'application_name', E'it''s', false); RESET search_path"

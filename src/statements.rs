@@ -7,7 +7,7 @@
 //! connection remembers which of those it has prepared, up to a bound.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -20,6 +20,19 @@ pub struct Statement {
     pub server_name: Box<[u8]>,
     /// The Parse body after the name: query string and parameter types.
     pub body: Bytes,
+    /// A server has accepted this statement once, so a later client's Parse
+    /// of it can be answered without a server (see `Session::answer_locally`).
+    validated: AtomicBool,
+}
+
+impl Statement {
+    pub fn is_validated(&self) -> bool {
+        self.validated.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_validated(&self) {
+        self.validated.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Interns statements by their exact Parse body, so equal statements from
@@ -43,13 +56,15 @@ impl StatementRegistry {
             id,
             server_name: format!("pgsw_{id}").into_bytes().into_boxed_slice(),
             body: body.clone(),
+            validated: AtomicBool::new(false),
         });
         map.insert(body, Arc::downgrade(&stmt));
         // Statements no client holds any more are dropped now and then; ids are
         // never reused, so a server that still has the old one prepared is harmless.
         if map.len() as u64 > self.prune_at.load(Ordering::Relaxed) {
             map.retain(|_, s| s.strong_count() > 0);
-            self.prune_at.store((map.len() as u64 * 2).max(1024), Ordering::Relaxed);
+            self.prune_at
+                .store((map.len() as u64 * 2).max(1024), Ordering::Relaxed);
         }
         stmt
     }
@@ -98,7 +113,11 @@ impl ServerStatements {
     pub fn insert(&mut self, id: u64) -> Option<u64> {
         self.clock += 1;
         let evicted = if self.last_use.len() >= self.capacity && !self.last_use.contains_key(&id) {
-            let oldest = self.last_use.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k);
+            let oldest = self
+                .last_use
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| *k);
             oldest.inspect(|k| {
                 self.last_use.remove(k);
             })

@@ -44,7 +44,12 @@ impl Backend {
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -132,6 +137,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         gate.open();
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -35,8 +35,14 @@ impl UserSecrets {
         let mut md5 = HashMap::new();
         for user in &config.users {
             if let Some(password) = &user.password {
-                scram.insert(user.name.clone(), Arc::new(ScramSecret::from_password(password)));
-                md5.insert(user.name.clone(), md5::md5_password_hash(&user.name, password));
+                scram.insert(
+                    user.name.clone(),
+                    Arc::new(ScramSecret::from_password(password)),
+                );
+                md5.insert(
+                    user.name.clone(),
+                    md5::md5_password_hash(&user.name, password),
+                );
             }
         }
         UserSecrets {
@@ -73,7 +79,11 @@ pub async fn authenticate(
     Ok(())
 }
 
-async fn scram_exchange(conn: &mut ClientConn, user: &str, secrets: &UserSecrets) -> Result<(), ClientError> {
+async fn scram_exchange(
+    conn: &mut ClientConn,
+    user: &str,
+    secrets: &UserSecrets,
+) -> Result<(), ClientError> {
     // Unknown users run the same exchange against a mock secret and fail at the
     // same step with the same message, so a login attempt can't probe user names.
     let (secret, mock) = match secrets.scram.get(user) {
@@ -95,7 +105,9 @@ async fn scram_exchange(conn: &mut ClientConn, user: &str, secrets: &UserSecrets
     conn.stream.write_all(&out).await?;
 
     let response = conn.read_auth_message().await?;
-    let server_final = exchange.client_final(&response).map_err(|e| scram_error(e, user))?;
+    let server_final = exchange
+        .client_final(&response)
+        .map_err(|e| scram_error(e, user))?;
     out.clear();
     messages::authentication(&mut out, messages::AUTH_SASL_FINAL, &server_final);
     conn.stream.write_all(&out).await?;
@@ -103,6 +115,7 @@ async fn scram_exchange(conn: &mut ClientConn, user: &str, secrets: &UserSecrets
 }
 
 fn scram_error(e: scram::ScramError, user: &str) -> ClientError {
+    tracing::debug!(user, error = %e, "SCRAM exchange failed");
     match SqlState::parse(e.sqlstate()) {
         sqlstate::INVALID_PASSWORD => ClientError::Pg(auth_failed(user)),
         code => ClientError::Pg(PgError::fatal(code, format!("SCRAM authentication: {e}"))),
@@ -126,7 +139,11 @@ fn split_sasl_initial(body: &[u8]) -> Result<(&str, &[u8]), ClientError> {
     Ok((mechanism, data))
 }
 
-async fn md5_exchange(conn: &mut ClientConn, user: &str, secrets: &UserSecrets) -> Result<(), ClientError> {
+async fn md5_exchange(
+    conn: &mut ClientConn,
+    user: &str,
+    secrets: &UserSecrets,
+) -> Result<(), ClientError> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::new();
     messages::authentication(&mut out, messages::AUTH_MD5, &salt);

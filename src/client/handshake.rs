@@ -16,12 +16,12 @@ use crate::app::App;
 use crate::cancel::CancelKey;
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, PoolKey};
-use crate::switch::Backend;
 use crate::protocol::error::sqlstate;
 use crate::protocol::framing::PROTOCOL_3_0;
 use crate::protocol::messages;
 use crate::protocol::{PgError, StartupPacket};
 use crate::session_params::{ParamSet, Reported};
+use crate::switch::Backend;
 
 /// Serves one client connection to its end, and logs how it ended.
 pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
@@ -41,7 +41,11 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
         Ok(Err(e)) => e,
-        Err(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "login timed out (client_login_timeout)").into(),
+        Err(_) => PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            "login timed out (client_login_timeout)",
+        )
+        .into(),
     };
     let reason = match failure {
         ClientError::Io(e) => format!("client connection error: {e}"),
@@ -65,12 +69,18 @@ pub struct Established {
     pub cancel: CancelKey,
 }
 
-async fn login(app: &Arc<App>, conn: &mut ClientConn, id: u32) -> Result<Option<Established>, ClientError> {
+async fn login(
+    app: &Arc<App>,
+    conn: &mut ClientConn,
+    id: u32,
+) -> Result<Option<Established>, ClientError> {
     let (version, params) = loop {
         match conn.read_startup().await? {
             // No TLS or GSS encryption on the client leg yet: 'N' tells the
             // client to go on in plaintext (or give up, if it requires them).
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => conn.stream.write_all(b"N").await?,
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                conn.stream.write_all(b"N").await?
+            }
             StartupPacket::Cancel { pid, secret } => {
                 app.cancels.cancel(pid, secret).await;
                 return Ok(None);
@@ -83,18 +93,33 @@ async fn login(app: &Arc<App>, conn: &mut ClientConn, id: u32) -> Result<Option<
     if app.client_count() > config.proxy.max_client_conn {
         return Err(PgError::fatal(
             sqlstate::TOO_MANY_CONNECTIONS,
-            format!("no more connections allowed (max_client_conn = {})", config.proxy.max_client_conn),
+            format!(
+                "no more connections allowed (max_client_conn = {})",
+                config.proxy.max_client_conn
+            ),
         )
         .into());
     }
     if app.is_shutting_down() {
-        return Err(PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "the proxy is shutting down").into());
+        return Err(
+            PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "the proxy is shutting down").into(),
+        );
     }
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let user = param("user")
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet"))?;
-    let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let user = param("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+        PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )
+    })?;
+    let database = param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
     let raw_params = ParamSet::from_startup(&params)?;
 
     crate::auth::authenticate(conn, config.proxy.auth_method, &user, &app.secrets()).await?;
@@ -137,7 +162,11 @@ async fn login(app: &Arc<App>, conn: &mut ClientConn, id: u32) -> Result<Option<
 
 /// Protocol 3.x with a minor version we don't speak, or `_pq_` options, get a
 /// NegotiateProtocolVersion, as PostgreSQL answers; anything else is refused.
-async fn negotiate_version(conn: &mut ClientConn, version: i32, params: &[(String, String)]) -> Result<(), ClientError> {
+async fn negotiate_version(
+    conn: &mut ClientConn,
+    version: i32,
+    params: &[(String, String)],
+) -> Result<(), ClientError> {
     let (major, minor) = (version >> 16, version & 0xffff);
     if major != 3 {
         return Err(PgError::fatal(
@@ -183,7 +212,10 @@ async fn login_params(
     let mut server = pool.acquire().await.map_err(|e| e.to_client_error())?;
     let mut normalized = (**raw).clone();
     if let Some(sql) = raw.transition_sql(&server.applied) {
-        let reports = server.run_hidden(&sql).await.map_err(|e| e.to_client_error())?;
+        let reports = server
+            .run_hidden(&sql)
+            .await
+            .map_err(|e| e.to_client_error())?;
         normalized = normalized.normalized_by(&reports);
     }
     let set = Arc::new(normalized);

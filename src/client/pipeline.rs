@@ -14,7 +14,9 @@ use std::collections::VecDeque;
 use bytes::BytesMut;
 
 use crate::protocol::messages::{self, backend};
-use crate::statements::ServerStatements;
+use std::sync::Arc;
+
+use crate::statements::{ServerStatements, Statement};
 
 /// What a request's reply ends with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +39,9 @@ impl Reply {
             backend::BIND_COMPLETE => self == Bind,
             backend::CLOSE_COMPLETE => self == Close,
             backend::ROW_DESCRIPTION | backend::NO_DATA => self == Describe,
-            backend::COMMAND_COMPLETE | backend::EMPTY_QUERY | backend::PORTAL_SUSPENDED => self == Execute,
+            backend::COMMAND_COMPLETE | backend::EMPTY_QUERY | backend::PORTAL_SUSPENDED => {
+                self == Execute
+            }
             backend::READY_FOR_QUERY => matches!(self, Sync | Query | FunctionCall),
             // In the extended protocol an error ends the request that failed; a
             // simple query or a Sync still ends with ReadyForQuery after it.
@@ -54,6 +58,8 @@ pub enum Synthetic {
     CloseComplete,
     /// CommandComplete with this tag, then ReadyForQuery.
     Command(&'static str),
+    /// ReadyForQuery alone (a Sync answered by the proxy).
+    Ready,
 }
 
 impl Synthetic {
@@ -65,6 +71,7 @@ impl Synthetic {
                 messages::command_complete(out, tag);
                 messages::ready_for_query(out, status);
             }
+            Synthetic::Ready => messages::ready_for_query(out, status),
         }
     }
 }
@@ -79,12 +86,12 @@ enum Visibility {
 }
 
 /// How to put the server's statement cache right if a request never ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Undo {
     None,
-    /// A Parse that prepared this statement: if it failed or was skipped, the
-    /// server does not have it.
-    Prepared(u64),
+    /// A Parse that prepares this statement: if it failed or was skipped, the
+    /// server does not have it; if it succeeded, the statement is valid.
+    Prepared(Arc<Statement>),
     /// A Close that evicted it: if skipped, the server still has it.
     Closed(u64),
 }
@@ -199,7 +206,9 @@ impl Pipeline {
             Visibility::Client => Route::Forward,
             // A statement the proxy re-prepares can fail (the table changed):
             // that error is the answer to the client's Bind.
-            Visibility::Hidden if tag == backend::ERROR_RESPONSE && head.reply == Reply::Parse => Route::Forward,
+            Visibility::Hidden if tag == backend::ERROR_RESPONSE && head.reply == Reply::Parse => {
+                Route::Forward
+            }
             Visibility::Hidden => Route::Swallow,
             Visibility::Synthetic(_) => Route::Forward,
         };
@@ -215,12 +224,16 @@ impl Pipeline {
         if !head.reply.ended_by(tag) {
             return route;
         }
-        let Some(done) = self.queue.pop_front() else { return route };
-        if tag == backend::ERROR_RESPONSE {
-            undo(done.undo, cache);
-            self.skip_to_sync(cache);
-        } else if tag == backend::READY_FOR_QUERY && done.visibility == Visibility::Hidden {
-            // A failed hidden query still ends with ReadyForQuery; its error was swallowed.
+        let Some(done) = self.queue.pop_front() else {
+            return route;
+        };
+        match (tag, done.undo) {
+            (backend::ERROR_RESPONSE, undone) => {
+                undo(undone, cache);
+                self.skip_to_sync(cache);
+            }
+            (backend::PARSE_COMPLETE, Undo::Prepared(stmt)) => stmt.mark_validated(),
+            _ => {}
         }
         self.emit_ready_synthetics(out);
         route
@@ -228,7 +241,11 @@ impl Pipeline {
 
     /// Marks the hidden query at the head as failed (its error was swallowed).
     pub fn note_hidden_error(&mut self) {
-        if self.queue.front().is_some_and(|p| p.visibility == Visibility::Hidden) {
+        if self
+            .queue
+            .front()
+            .is_some_and(|p| p.visibility == Visibility::Hidden)
+        {
             self.hidden_failed = true;
         }
     }
@@ -262,7 +279,7 @@ impl Pipeline {
 fn undo(undo: Undo, cache: &mut ServerStatements) {
     match undo {
         Undo::None => {}
-        Undo::Prepared(id) => cache.forget(id),
+        Undo::Prepared(stmt) => cache.forget(stmt.id),
         Undo::Closed(id) => cache.restore(id),
     }
 }
@@ -270,6 +287,7 @@ fn undo(undo: Undo, cache: &mut ServerStatements) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::statements::StatementRegistry;
 
     fn msg(tag: u8) -> Vec<u8> {
         vec![tag, 0, 0, 0, 4]
@@ -299,30 +317,42 @@ mod tests {
         let mut p = Pipeline::default();
         let mut cache = ServerStatements::new(10);
         let mut out = BytesMut::new();
+        let registry = StatementRegistry::default();
+        let stmt = registry.intern(b"select 1\0\0\0");
         p.hidden(Reply::Query, Undo::None);
-        p.hidden(Reply::Parse, Undo::Prepared(7));
+        p.hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
         p.request(Reply::Bind, Undo::None);
-        for m in [msg(b'T'), msg(b'D'), msg(b'C'), rfq(b'I'), msg(b'1'), msg(b'2')] {
+        for m in [
+            msg(b'T'),
+            msg(b'D'),
+            msg(b'C'),
+            rfq(b'I'),
+            msg(b'1'),
+            msg(b'2'),
+        ] {
             p.on_server_message(m[0], &m, &mut out, &mut cache);
         }
         assert_eq!(&out[..], &msg(b'2')[..]);
         assert!(p.is_idle());
+        assert!(stmt.is_validated(), "ParseComplete validates the statement");
     }
 
     #[test]
     fn error_skips_to_sync_and_undoes_preparations() {
         let mut p = Pipeline::default();
         let mut cache = ServerStatements::new(10);
-        cache.insert(1);
-        cache.insert(2);
+        let registry = StatementRegistry::default();
+        let stmt = registry.intern(b"select 1\0\0\0");
+        cache.insert(stmt.id);
         let mut out = BytesMut::new();
         p.request(Reply::Bind, Undo::None);
-        p.request(Reply::Parse, Undo::Prepared(1));
+        p.request(Reply::Parse, Undo::Prepared(stmt.clone()));
         p.hidden(Reply::Close, Undo::Closed(3));
         p.synthetic(Synthetic::ParseComplete, &mut out);
         p.request(Reply::Sync, Undo::None);
         p.on_server_message(b'E', &msg(b'E'), &mut out, &mut cache);
-        assert!(!cache.touch(1), "the skipped Parse never prepared it");
+        assert!(!cache.touch(stmt.id), "the skipped Parse never prepared it");
+        assert!(!stmt.is_validated());
         assert!(cache.touch(3), "the skipped Close never closed it");
         p.on_server_message(b'Z', &rfq(b'I'), &mut out, &mut cache);
         assert_eq!(&out[..], &[msg(b'E'), rfq(b'I')].concat()[..]);

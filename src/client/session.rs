@@ -111,6 +111,9 @@ impl Session {
     async fn serve(&mut self) -> Result<CloseReason, ClientError> {
         let mut shutdown = self.app.shutdown_signal();
         loop {
+            if self.server.is_none() && self.mode == PoolMode::Transaction {
+                self.answer_locally()?;
+            }
             if self.has_client_frame()? {
                 if self.server.is_none() {
                     if self.cbuf.first() == Some(&frontend::TERMINATE) {
@@ -166,6 +169,69 @@ impl Session {
                     && self.to_server.is_empty()
             }
         }
+    }
+
+    /// Answers, without a server, what needs none between transactions: a
+    /// Parse of a statement some server already accepted, a Close, a Sync, and
+    /// DEALLOCATE/DISCARD ALL. Drivers prepare statements one round trip at a
+    /// time (pgbench -M prepared blocks a whole thread on it); needing a server
+    /// for that while the pool is busy with the same thread's other clients
+    /// would deadlock.
+    fn answer_locally(&mut self) -> Result<(), PgError> {
+        let mut pos = 0;
+        while let Some(h) = FrameHeader::complete(&self.cbuf[pos..])? {
+            let body = &self.cbuf[pos + 5..pos + h.len];
+            let reply = match h.tag {
+                frontend::PARSE => {
+                    let (name, rest) = messages::split_name(body)?;
+                    if name.is_empty() {
+                        break;
+                    }
+                    let stmt = self.app.statements.intern(rest);
+                    if !stmt.is_validated() {
+                        break;
+                    }
+                    self.statements.insert(Bytes::copy_from_slice(name), stmt);
+                    Some(Synthetic::ParseComplete)
+                }
+                frontend::CLOSE => match messages::split_target(body)? {
+                    (b'S', name) if !name.is_empty() => {
+                        self.statements.remove(name);
+                        Some(Synthetic::CloseComplete)
+                    }
+                    _ => break,
+                },
+                frontend::SYNC => Some(Synthetic::Ready),
+                frontend::FLUSH => None,
+                frontend::QUERY => {
+                    let sql = body.strip_suffix(b"\0").unwrap_or(body);
+                    match statement_command(sql) {
+                        Some(Command::DeallocateAll) => {
+                            self.statements.clear();
+                            Some(Synthetic::Command("DEALLOCATE ALL"))
+                        }
+                        Some(Command::Deallocate(name))
+                            if self.statements.remove(name.as_bytes()).is_some() =>
+                        {
+                            Some(Synthetic::Command("DEALLOCATE"))
+                        }
+                        Some(Command::DiscardAll) => {
+                            self.statements.clear();
+                            self.params = self.startup_params.clone();
+                            Some(Synthetic::Command("DISCARD ALL"))
+                        }
+                        _ => break,
+                    }
+                }
+                _ => break,
+            };
+            if let Some(reply) = reply {
+                self.pipeline.synthetic(reply, &mut self.to_client);
+            }
+            pos += h.len;
+        }
+        self.cbuf.advance(pos);
+        Ok(())
     }
 
     /// Takes a server connection for the next transaction: passes the gate,
@@ -225,7 +291,9 @@ impl Session {
     /// Moves complete client frames to the server, rewriting statement names in
     /// transaction mode. Returns true when the client sent Terminate.
     fn forward_client_frames(&mut self) -> Result<bool, PgError> {
-        let Some(server) = self.server.as_mut() else { return Ok(false) };
+        let Some(server) = self.server.as_mut() else {
+            return Ok(false);
+        };
         let server: &mut ServerConn = server;
         let transaction_mode = self.mode == PoolMode::Transaction;
         let mut pos = 0;
@@ -263,7 +331,9 @@ impl Session {
 
     /// Moves complete server frames to the client through the pipeline.
     fn relay_server_frames(&mut self) -> Result<(), PgError> {
-        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
         let ServerConn {
             rbuf,
             statements,
@@ -280,7 +350,8 @@ impl Session {
                 _ => {}
             }
             let route = if self.mode == PoolMode::Transaction {
-                self.pipeline.on_server_message(h.tag, frame, &mut self.to_client, statements)
+                self.pipeline
+                    .on_server_message(h.tag, frame, &mut self.to_client, statements)
             } else {
                 self.to_client.extend_from_slice(frame);
                 Route::Forward
@@ -309,8 +380,12 @@ impl Session {
     }
 
     fn track_parameter(&mut self, body: &[u8]) {
-        let Some(server) = self.server.as_mut() else { return };
-        let Ok((name, value)) = server.record_parameter(body) else { return };
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let Ok((name, value)) = server.record_parameter(body) else {
+            return;
+        };
         if let Some(next) = self.params.with_report(&name, &value) {
             self.params = next;
             server.applied = self.params.clone();
@@ -377,7 +452,9 @@ impl Session {
             sqlstate::CONNECTION_FAILURE,
             "server closed the connection unexpectedly",
         )
-        .with_detail("pgswitch lost its connection to the database server while this session was using it.")
+        .with_detail(
+            "pgswitch lost its connection to the database server while this session was using it.",
+        )
         .into())
     }
 
@@ -391,7 +468,11 @@ impl Session {
 }
 
 /// Writes as much of `buf` as the socket takes now. True if anything was written.
-fn write_some<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut, cx: &mut Context<'_>) -> Result<bool, io::Error> {
+fn write_some<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Result<bool, io::Error> {
     let mut wrote = false;
     while !buf.is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, buf) {
@@ -408,7 +489,11 @@ fn write_some<S: AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut, cx: &mu
 }
 
 /// Reads what the socket has now. True if anything was read; EOF is an error.
-fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut, cx: &mut Context<'_>) -> Result<bool, io::Error> {
+fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Result<bool, io::Error> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(8 * 1024);
     }
@@ -480,14 +565,17 @@ impl Translator<'_> {
             return Ok(());
         }
         let stmt = self.app.statements.intern(rest);
-        self.statements.insert(Bytes::copy_from_slice(name), stmt.clone());
+        self.statements
+            .insert(Bytes::copy_from_slice(name), stmt.clone());
         if self.server.statements.touch(stmt.id) {
-            self.pipeline.synthetic(Synthetic::ParseComplete, self.to_client);
+            self.pipeline
+                .synthetic(Synthetic::ParseComplete, self.to_client);
         } else {
             self.evict_for(stmt.id);
             messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
             self.server.tx_status = b'?';
-            self.pipeline.request(Reply::Parse, Undo::Prepared(stmt.id));
+            self.pipeline
+                .request(Reply::Parse, Undo::Prepared(stmt.clone()));
         }
         Ok(())
     }
@@ -501,11 +589,12 @@ impl Translator<'_> {
     }
 
     /// Prepares a client's statement on this server if it isn't there yet.
-    fn ensure_prepared(&mut self, stmt: &Statement) {
+    fn ensure_prepared(&mut self, stmt: &Arc<Statement>) {
         if !self.server.statements.touch(stmt.id) {
             self.evict_for(stmt.id);
             messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
-            self.pipeline.hidden(Reply::Parse, Undo::Prepared(stmt.id));
+            self.pipeline
+                .hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
         }
     }
 
@@ -544,7 +633,8 @@ impl Translator<'_> {
         // The server keeps the shared preparation (other clients may use it);
         // only the client's name goes away.
         if kind == b'S' && !name.is_empty() && self.statements.remove(name).is_some() {
-            self.pipeline.synthetic(Synthetic::CloseComplete, self.to_client);
+            self.pipeline
+                .synthetic(Synthetic::CloseComplete, self.to_client);
         } else {
             self.forward(frame, Some(Reply::Close));
         }
@@ -565,15 +655,22 @@ impl Translator<'_> {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
         let reset = match statement_command(sql) {
             Some(Command::DeallocateAll) => {
-                self.pipeline.synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);
+                self.pipeline
+                    .synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);
                 Some(Reset::DeallocateAll)
             }
-            Some(Command::Deallocate(name)) if self.statements.remove(name.as_bytes()).is_some() => {
-                self.pipeline.synthetic(Synthetic::Command("DEALLOCATE"), self.to_client);
+            Some(Command::Deallocate(name))
+                if self.statements.remove(name.as_bytes()).is_some() =>
+            {
+                self.pipeline
+                    .synthetic(Synthetic::Command("DEALLOCATE"), self.to_client);
                 None
             }
-            Some(Command::DiscardAll) if self.pipeline.client_status() == b'I' && self.pipeline.is_idle() => {
-                self.pipeline.synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
+            Some(Command::DiscardAll)
+                if self.pipeline.client_status() == b'I' && self.pipeline.is_idle() =>
+            {
+                self.pipeline
+                    .synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
                 Some(Reset::DiscardAll)
             }
             _ => {
@@ -598,12 +695,18 @@ fn statement_command(sql: &[u8]) -> Option<Command> {
     if !matches!(first, b'd' | b'D') {
         return None;
     }
-    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim_end();
+    let text = std::str::from_utf8(sql)
+        .ok()?
+        .trim()
+        .trim_end_matches(';')
+        .trim_end();
     let mut words = text.split_ascii_whitespace();
     let verb = words.next()?.to_ascii_lowercase();
     let mut arg = words.next()?;
     match verb.as_str() {
-        "discard" if arg.eq_ignore_ascii_case("all") && words.next().is_none() => Some(Command::DiscardAll),
+        "discard" if arg.eq_ignore_ascii_case("all") && words.next().is_none() => {
+            Some(Command::DiscardAll)
+        }
         "deallocate" => {
             if arg.eq_ignore_ascii_case("prepare") {
                 arg = words.next()?;
@@ -635,12 +738,27 @@ mod tests {
 
     #[test]
     fn recognizes_statement_commands() {
-        assert!(matches!(statement_command(b"DEALLOCATE ALL"), Some(Command::DeallocateAll)));
-        assert!(matches!(statement_command(b" deallocate prepare all;"), Some(Command::DeallocateAll)));
-        assert!(matches!(statement_command(b"DEALLOCATE _pg3_1"), Some(Command::Deallocate(n)) if n == "_pg3_1"));
-        assert!(matches!(statement_command(b"DEALLOCATE S_1"), Some(Command::Deallocate(n)) if n == "s_1"));
-        assert!(matches!(statement_command(b"deallocate \"S_1\""), Some(Command::Deallocate(n)) if n == "S_1"));
-        assert!(matches!(statement_command(b"discard all"), Some(Command::DiscardAll)));
+        assert!(matches!(
+            statement_command(b"DEALLOCATE ALL"),
+            Some(Command::DeallocateAll)
+        ));
+        assert!(matches!(
+            statement_command(b" deallocate prepare all;"),
+            Some(Command::DeallocateAll)
+        ));
+        assert!(
+            matches!(statement_command(b"DEALLOCATE _pg3_1"), Some(Command::Deallocate(n)) if n == "_pg3_1")
+        );
+        assert!(
+            matches!(statement_command(b"DEALLOCATE S_1"), Some(Command::Deallocate(n)) if n == "s_1")
+        );
+        assert!(
+            matches!(statement_command(b"deallocate \"S_1\""), Some(Command::Deallocate(n)) if n == "S_1")
+        );
+        assert!(matches!(
+            statement_command(b"discard all"),
+            Some(Command::DiscardAll)
+        ));
         assert!(statement_command(b"discard plans").is_none());
         assert!(statement_command(b"delete from t").is_none());
         assert!(statement_command(b"select 1").is_none());

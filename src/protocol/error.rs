@@ -196,7 +196,10 @@ mod tests {
 
     #[test]
     fn round_trips_through_server_parser() {
-        let err = PgError::fatal(sqlstate::INVALID_PASSWORD, "password authentication failed for user \"x\"");
+        let err = PgError::fatal(
+            sqlstate::INVALID_PASSWORD,
+            "password authentication failed for user \"x\"",
+        );
         let bytes = err.to_bytes();
         assert_eq!(bytes[0], b'E');
         let len = i32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;

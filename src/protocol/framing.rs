@@ -77,7 +77,9 @@ pub fn take_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, PgError
     }
     let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
     if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
-        return Err(PgError::protocol(format!("invalid length of startup packet: {len}")));
+        return Err(PgError::protocol(format!(
+            "invalid length of startup packet: {len}"
+        )));
     }
     let len = len as usize;
     if buf.len() < len {
@@ -115,7 +117,9 @@ fn parse_startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, PgErro
         params.push((key.to_owned(), value.to_owned()));
     }
     if !body.is_empty() {
-        return Err(PgError::protocol("invalid startup packet layout: expected terminator as last byte"));
+        return Err(PgError::protocol(
+            "invalid startup packet layout: expected terminator as last byte",
+        ));
     }
     Ok(params)
 }
@@ -167,7 +171,10 @@ mod tests {
             parsed,
             StartupPacket::Startup {
                 version: PROTOCOL_3_0,
-                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+                params: vec![
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ]
             }
         );
         assert!(buf.is_empty());

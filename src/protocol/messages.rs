@@ -97,7 +97,9 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
 }
 
 pub fn command_complete(out: &mut BytesMut, tag: &str) {
-    write_message(out, backend::COMMAND_COMPLETE, |b| put_cstr(b, tag.as_bytes()));
+    write_message(out, backend::COMMAND_COMPLETE, |b| {
+        put_cstr(b, tag.as_bytes())
+    });
 }
 
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
@@ -175,7 +177,11 @@ pub struct BindParts<'a> {
 pub fn split_bind(body: &[u8]) -> Result<BindParts<'_>, PgError> {
     let (portal, rest) = split_name(body)?;
     let (statement, rest) = split_name(rest)?;
-    Ok(BindParts { portal, statement, rest })
+    Ok(BindParts {
+        portal,
+        statement,
+        rest,
+    })
 }
 
 /// A Describe or Close body: 'S' (statement) or 'P' (portal) and a name.
