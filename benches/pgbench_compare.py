@@ -35,6 +35,11 @@ TARGETS = [("pgswitch", "pgswitch"), ("pgbouncer", "PgBouncer"), ("direct", "dir
 TPS_VS_PGBOUNCER_MIN = 1.0
 TPS_VS_DIRECT_MIN_SELECT = 0.85
 KIB_PER_IDLE_CLIENT_MAX = 8.0
+OTHER_CPU_WARN_PCT = 10  # CPU used by processes not ours during a run above this marks the run
+
+
+def disturbed(r):
+    return (r.get("other_cpu_pct") or 0) > OTHER_CPU_WARN_PCT
 
 
 def percentile(sorted_vals, p):
@@ -84,6 +89,8 @@ def cmd_parse(a):
         "p99_ms": percentile(lat, 99) / 1000.0 if lat else None,
         "max_ms": lat[-1] / 1000.0 if lat else None,
         "status": "ok",
+        "busy_before_pct": a.busy,
+        "other_cpu_pct": other_cpu_pct(a.cpu_before, a.cpu_after) if a.cpu_before and a.cpu_after else None,
     }
     aborted = re.search(r"(client \d+ aborted.*|Run was aborted.*)", out)
     if a.rc != 0 or tps is None or not lat or aborted:
@@ -104,9 +111,72 @@ def cmd_parse(a):
         f"avg {fmt(rec['avg_ms'], '.3f')} ms  p99 {fmt(rec['p99_ms'], '.3f')} ms  "
         f"({len(lat)} tx in {len(files)} log files, {rec['failed']} failed)"
         + (f"  ERROR: {rec['note']}" if rec["status"] == "error" else "")
+        + (f"  [other processes used {rec['other_cpu_pct']:.0f}% of the CPUs during the run]"
+           if disturbed(rec) else "")
     )
     # Log files are large; the caller may delete them once parsed.
     return 0
+
+
+def _stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    # comm may contain spaces: fields after the closing parenthesis
+    rest = data[data.rindex(")") + 2:].split()
+    ppid = int(rest[1])
+    utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
+    return ppid, utime + stime, cutime + cstime
+
+
+def cmd_cpu_snapshot(a):
+    """Print: monotonic-seconds busy-ticks(all CPUs) ticks-used-by-our-process-trees.
+
+    Our trees are the given root pids and all their descendants (own CPU time), plus the CPU
+    time of children the roots already reaped (cutime/cstime). The difference between two
+    snapshots tells how much CPU other processes on the machine took in between."""
+    import time
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + (cpu[7] if len(cpu) > 7 else 0)
+    procs = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                procs[int(d)] = _stat_fields(d)
+            except (OSError, ValueError, IndexError):
+                pass
+    children = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, seen = 0, set()
+    stack = [r for r in a.pids if r in procs]
+    for r in stack:
+        ours += procs[r][2]  # already-reaped children of a root
+    me = os.getpid()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid == me:
+            continue
+        seen.add(pid)
+        ours += procs[pid][1]
+        stack.extend(children.get(pid, []))
+    print(f"{time.monotonic():.3f} {busy} {ours}")
+    return 0
+
+
+def other_cpu_pct(before, after):
+    """CPU share (0-100 of all CPUs) used by processes outside our trees between two snapshots."""
+    try:
+        t0, b0, o0 = (float(x) for x in before.split())
+        t1, b1, o1 = (float(x) for x in after.split())
+    except ValueError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    capacity = (t1 - t0) * hz * (os.cpu_count() or 1)
+    if capacity <= 0:
+        return None
+    return max(0.0, 100.0 * ((b1 - b0) - (o1 - o0)) / capacity)
 
 
 def cmd_mark(a):
@@ -164,6 +234,10 @@ def summarize(records):
                     avg_ms=med([r["avg_ms"] for r in ok]),
                     p99_ms=med([r["p99_ms"] for r in ok]),
                     tps_rounds=[r["tps"] for r in sorted(ok, key=lambda r: r["round"])],
+                    tps_rounds_fmt=[
+                        f"{r['tps']:.0f}" + ("*" if disturbed(r) else "")
+                        for r in sorted(ok, key=lambda r: r["round"])
+                    ],
                     p99_rounds=[r["p99_ms"] for r in sorted(ok, key=lambda r: r["round"])],
                     failed=sum(r.get("failed", 0) for r in ok),
                 )
@@ -195,6 +269,14 @@ def render(records, memory, meta):
         for k, v in meta.items():
             out.append(f"- {k}: {v}")
         out.append("")
+    runs = [r for r in records if r.get("status") in ("ok", "error")]
+    busy = [r for r in runs if disturbed(r)]
+    if busy:
+        out.append(
+            f"**Warning: in {len(busy)} of {len(runs)} runs other processes on the machine used more than "
+            f"{OTHER_CPU_WARN_PCT}% of the CPUs (marked * in the per-round table); those numbers are not "
+            f"comparable.**\n"
+        )
     checks = []
     if cells:
         out.append("## Throughput and latency (medians over rounds)\n")
@@ -253,7 +335,7 @@ def render(records, memory, meta):
                 c = cells.get((w, t))
                 if c and c["status"] == "ok":
                     out.append(
-                        f"| {wname} | {tname} | {', '.join(f'{v:.0f}' for v in c['tps_rounds'])} | "
+                        f"| {wname} | {tname} | {', '.join(c['tps_rounds_fmt'])} | "
                         f"{', '.join(f'{v:.2f}' for v in c['p99_rounds'])} |"
                     )
         errs = [(w, t, c["error_note"]) for (w, t), c in cells.items() if c.get("error_note")]
@@ -318,8 +400,14 @@ def main():
     p.add_argument("--workload", required=True)
     p.add_argument("--target", required=True)
     p.add_argument("--round", type=int, required=True)
+    p.add_argument("--busy", type=int, default=None, help="CPU %% busy just before the run")
+    p.add_argument("--cpu-before", default="", help="cpu-snapshot output taken before the run")
+    p.add_argument("--cpu-after", default="", help="cpu-snapshot output taken after the run")
     p.add_argument("--results", required=True)
     p.set_defaults(fn=cmd_parse)
+    p = sub.add_parser("cpu-snapshot")
+    p.add_argument("pids", type=int, nargs="*")
+    p.set_defaults(fn=cmd_cpu_snapshot)
     p = sub.add_parser("mark")
     p.add_argument("--workload", required=True)
     p.add_argument("--target", required=True)

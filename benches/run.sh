@@ -84,9 +84,9 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$NOFILE" ]; then
 fi
 
 # Other work on this small machine skews everything: measure CPU use over 2 s and say so.
-cpu_busy_pct() {
+cpu_busy_pct() {  # [seconds]
     local a b
-    a=($(sed -n 's/^cpu  //p' /proc/stat)); sleep 2; b=($(sed -n 's/^cpu  //p' /proc/stat))
+    a=($(sed -n 's/^cpu  //p' /proc/stat)); sleep "${1:-2}"; b=($(sed -n 's/^cpu  //p' /proc/stat))
     awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN { n = split(a, x); split(b, y); t = 0
         for (i = 1; i <= n; i++) t += y[i] - x[i]
         idle = (y[4] - x[4]) + (y[5] - x[5]); printf "%.0f", t ? 100 * (t - idle) / t : 0 }'
@@ -321,11 +321,13 @@ target_port() {
 }
 
 run_pgbench() {  # target workload round secs [record]
-    local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags
+    local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags snap0 snap1
     port=$(target_port "$t")
     flags=$(workload_flags "$w")
     dir="$LOGDIR/$w-$t-$r"
     mkdir -p "$dir"
+    # CPU used by everything outside our process trees during the run = interference.
+    snap0=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
     set +e
     # shellcheck disable=SC2086
     # --foreground keeps pgbench in our process group so Ctrl-C stops it at once.
@@ -334,10 +336,11 @@ run_pgbench() {  # target workload round secs [record]
         >"$dir/out" 2>"$dir/out.err"
     rc=$?
     set -e
+    snap1=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
     if [ "$rc" -ge 128 ] && [ "$rc" != 255 ]; then log "pgbench killed by a signal (rc $rc)"; exit 130; fi
     if [ "$record" = 1 ]; then
         $COMPARE parse --log-prefix "$dir/tx" --stdout "$dir/out" --rc "$rc" --workload "$w" --target "$t" \
-            --round "$r" --results "$RESULTS" >&2
+            --round "$r" --cpu-before "$snap0" --cpu-after "$snap1" --results "$RESULTS" >&2
     elif [ "$rc" != 0 ]; then
         log "warm-up through $t failed (rc $rc): $(tail -1 "$dir/out.err")"
     fi

@@ -36,9 +36,6 @@ use crate::switch::Backend;
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
-/// Buffers above this size are released when the session goes idle, so idle
-/// clients cost little memory.
-const IDLE_BUFFER_KEEP: usize = 16 * 1024;
 
 /// How a session ended, for the close log line.
 pub type CloseReason = &'static str;
@@ -97,7 +94,7 @@ impl Session {
     /// Runs the session to its end; returns why it ended. An error meant for
     /// the client is sent before the connection closes.
     pub async fn run(mut self) -> String {
-        match self.serve().await {
+        let reason = match self.serve().await {
             Ok(reason) => reason.to_owned(),
             Err(ClientError::Io(e)) => format!("client connection error: {e}"),
             Err(ClientError::Pg(e)) => {
@@ -105,6 +102,26 @@ impl Session {
                 let _ = self.flush_client().await;
                 e.to_string()
             }
+        };
+        self.return_session_server().await;
+        reason
+    }
+
+    /// Session mode: a server whose session ended cleanly between transactions
+    /// is reset with DISCARD ALL and pooled for the next session; any other
+    /// server left attached is closed when the checkout drops.
+    async fn return_session_server(&mut self) {
+        if self.mode != PoolMode::Session || !self.is_between_transactions() {
+            return;
+        }
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        self.cancel.slot.set(None);
+        if server.rbuf.is_empty() && server.run_hidden("DISCARD ALL").await.is_ok() {
+            server.applied = Arc::new(ParamSet::default());
+            server.statements.clear();
+            server.release();
         }
     }
 
@@ -418,7 +435,7 @@ impl Session {
                 }
             }
             if to_server.len() < HIGH_WATER {
-                progress |= read_some(client, cbuf, cx).map_err(|_| Closed::Client)?;
+                progress |= read_client(client, cbuf, cx).map_err(|_| Closed::Client)?;
             }
             if progress {
                 Poll::Ready(Ok(()))
@@ -458,9 +475,12 @@ impl Session {
         .into())
     }
 
+    /// Between transactions a client holds no buffer memory: ten thousand
+    /// idle clients must cost little, and an allocation per transaction is
+    /// cheap next to its system calls.
     fn shrink_buffers(&mut self) {
         for buf in [&mut self.cbuf, &mut self.to_client, &mut self.to_server] {
-            if buf.is_empty() && buf.capacity() > IDLE_BUFFER_KEEP {
+            if buf.is_empty() && buf.capacity() > 0 {
                 *buf = BytesMut::new();
             }
         }
@@ -486,6 +506,22 @@ fn write_some<S: AsyncWrite + Unpin>(
         }
     }
     Ok(wrote)
+}
+
+/// Reads from the client. An idle client holds no read buffer: one is
+/// allocated only once the socket has something to read.
+fn read_client(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Result<bool, io::Error> {
+    if buf.capacity() == 0 {
+        match stream.poll_read_ready(cx) {
+            Poll::Ready(r) => r?,
+            Poll::Pending => return Ok(false),
+        }
+    }
+    read_some(stream, buf, cx)
 }
 
 /// Reads what the socket has now. True if anything was read; EOF is an error.

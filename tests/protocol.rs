@@ -1,0 +1,1341 @@
+//! Wire-protocol behaviour of pgswitch against real PostgreSQL servers:
+//! startup negotiation (SSL/GSS refusal, protocol versions, malformed
+//! packets), backend selection, client and server authentication, cancel
+//! requests, connection logging and max_client_conn.
+//!
+//! Raw-protocol tests build the bytes by hand (tokio `TcpStream`); everything
+//! else uses tokio-postgres or psql as the client.
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+const USER: &str = "app";
+const PASSWORD: &str = "secret";
+/// Upper bound for any single network read in the raw tests.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// configuration helpers
+// ---------------------------------------------------------------------------
+
+/// What goes into one test's proxy.toml.
+struct Cfg<'a> {
+    blue: u16,
+    green: Option<u16>,
+    active: &'a str,
+    auth_method: &'a str,
+    pool_mode: &'a str,
+    max_client_conn: usize,
+    users: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Cfg<'a> {
+    fn new(blue: u16) -> Self {
+        Cfg {
+            blue,
+            green: None,
+            active: "blue",
+            auth_method: "scram-sha-256",
+            pool_mode: "transaction",
+            max_client_conn: 5000,
+            users: vec![(USER, PASSWORD)],
+        }
+    }
+
+    fn toml(&self) -> String {
+        let mut s = format!(
+            "[proxy]\n\
+             listen = \"127.0.0.1:{port}\"\n\
+             pool_mode = \"{mode}\"\n\
+             auth_method = \"{auth}\"\n\
+             default_pool_size = 20\n\
+             max_client_conn = {max}\n\
+             query_wait_timeout = \"5s\"\n\
+             \n[backends.blue]\nhost = \"127.0.0.1\"\nport = {blue}\n",
+            port = free_port(),
+            mode = self.pool_mode,
+            auth = self.auth_method,
+            max = self.max_client_conn,
+            blue = self.blue,
+        );
+        if let Some(green) = self.green {
+            s.push_str(&format!(
+                "\n[backends.green]\nhost = \"127.0.0.1\"\nport = {green}\n"
+            ));
+        }
+        s.push_str(&format!("\n[cutover]\nactive = \"{}\"\n", self.active));
+        for (name, pw) in &self.users {
+            s.push_str(&format!(
+                "\n[[users]]\nname = \"{name}\"\npassword = \"{pw}\"\n"
+            ));
+        }
+        s
+    }
+
+    fn start(&self) -> Proxy {
+        Proxy::start(&self.toml())
+    }
+}
+
+/// A PG 15 server with role app/secret and a proxy (scram to clients) in front.
+fn pg_and_proxy(hba: HbaAuth) -> (PgServer, Proxy) {
+    let pg = PgServer::start(PgOptions {
+        auth: hba,
+        ..Default::default()
+    });
+    pg.create_user(USER, PASSWORD);
+    let proxy = Cfg::new(pg.port).start();
+    (pg, proxy)
+}
+
+/// tokio-postgres config for a TCP connection through the proxy.
+fn proxy_config(proxy: &Proxy, user: &str, password: Option<&str>) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host("127.0.0.1")
+        .port(proxy.port)
+        .user(user)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(pw) = password {
+        c.password(pw);
+    }
+    c
+}
+
+async fn try_connect(
+    proxy: &Proxy,
+    user: &str,
+    password: Option<&str>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = proxy_config(proxy, user, password).connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+async fn connect(proxy: &Proxy) -> tokio_postgres::Client {
+    try_connect(proxy, USER, Some(PASSWORD))
+        .await
+        .unwrap_or_else(|e| panic!("connect through proxy port {}: {e:?}", proxy.port))
+}
+
+/// SQLSTATE and message of a tokio-postgres error that must be a server error.
+fn db_error(e: &tokio_postgres::Error) -> (String, String, String) {
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected an ErrorResponse, got: {e:?}"));
+    (
+        db.code().code().to_owned(),
+        db.severity().to_owned(),
+        db.message().to_owned(),
+    )
+}
+
+async fn select_int(client: &tokio_postgres::Client, sql: &str) -> i32 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+// ---------------------------------------------------------------------------
+// raw protocol helpers
+// ---------------------------------------------------------------------------
+
+/// A startup-type packet (no tag) with protocol `version` and `params`.
+fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_i32(version);
+    for (k, v) in params {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut out = Vec::new();
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// An 8-byte request code packet (SSLRequest, GSSENCRequest).
+fn request_code(code: i32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&8i32.to_be_bytes());
+    out.extend_from_slice(&code.to_be_bytes());
+    out
+}
+
+const SSL_REQUEST: i32 = 80_877_103;
+const GSSENC_REQUEST: i32 = 80_877_104;
+const PROTOCOL_3_0: i32 = 196_608;
+const PROTOCOL_3_2: i32 = 196_610;
+
+/// The fields of an ErrorResponse/NoticeResponse body by field code.
+fn error_fields(body: &[u8]) -> HashMap<char, String> {
+    let mut out = HashMap::new();
+    let mut rest = body;
+    while let Some((&tag, tail)) = rest.split_first() {
+        if tag == 0 {
+            break;
+        }
+        let end = tail
+            .iter()
+            .position(|&b| b == 0)
+            .expect("unterminated error field");
+        out.insert(
+            tag as char,
+            String::from_utf8_lossy(&tail[..end]).into_owned(),
+        );
+        rest = &tail[end + 1..];
+    }
+    out
+}
+
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// Result of a raw simple query: rows (text) or the error fields.
+type RawResult = Result<Vec<Vec<Option<String>>>, HashMap<char, String>>;
+
+impl Raw {
+    async fn connect(port: u16) -> Raw {
+        let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(("127.0.0.1", port)))
+            .await
+            .expect("connect timed out")
+            .expect("connect to proxy");
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write to proxy");
+    }
+
+    /// Reads more bytes; false on EOF (or a reset, which is an EOF here).
+    async fn fill(&mut self) -> bool {
+        match tokio::time::timeout(IO_TIMEOUT, self.stream.read_buf(&mut self.buf)).await {
+            Err(_) => panic!(
+                "no data from the proxy within {IO_TIMEOUT:?} (buffered: {:?})",
+                self.buf
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(_)) => true,
+        }
+    }
+
+    /// The single byte answering an SSLRequest/GSSENCRequest.
+    async fn read_byte(&mut self) -> u8 {
+        while self.buf.is_empty() {
+            assert!(
+                self.fill().await,
+                "connection closed instead of a 1-byte answer"
+            );
+        }
+        self.buf.get_u8()
+    }
+
+    /// Next message, or None if the proxy closed the connection first.
+    async fn try_read_msg(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+                assert!(
+                    (4..1 << 24).contains(&len),
+                    "implausible message length {len} (tag {:?})",
+                    self.buf[0] as char
+                );
+                let total = len as usize + 1;
+                if self.buf.len() >= total {
+                    let mut msg = self.buf.split_to(total);
+                    let tag = msg.get_u8();
+                    msg.advance(4);
+                    return Some((tag, msg.to_vec()));
+                }
+            }
+            if !self.fill().await {
+                assert!(
+                    self.buf.is_empty(),
+                    "connection closed mid-message: {:?}",
+                    self.buf
+                );
+                return None;
+            }
+        }
+    }
+
+    async fn read_msg(&mut self) -> (u8, Vec<u8>) {
+        self.try_read_msg()
+            .await
+            .expect("connection closed while a message was expected")
+    }
+
+    /// Expects the proxy to close the connection with nothing more to say.
+    async fn expect_eof(&mut self) {
+        if let Some((tag, body)) = self.try_read_msg().await {
+            panic!(
+                "expected the connection to close, got message {:?} {:?}",
+                tag as char,
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    /// Reads the next message, which must be an ErrorResponse; returns its fields.
+    async fn expect_error(&mut self) -> HashMap<char, String> {
+        match self.try_read_msg().await {
+            Some((b'E', body)) => error_fields(&body),
+            Some((tag, body)) => panic!(
+                "expected ErrorResponse, got {:?} {:?}",
+                tag as char,
+                String::from_utf8_lossy(&body)
+            ),
+            None => panic!("expected ErrorResponse, but the proxy closed the connection silently"),
+        }
+    }
+
+    /// After the startup packet: SCRAM-SHA-256 (or trust) login up to
+    /// ReadyForQuery. Returns the BackendKeyData (pid, secret).
+    async fn login(&mut self, password: &str) -> (i32, i32) {
+        let mut scram: Option<ScramSha256> = None;
+        let mut key = None;
+        loop {
+            let (tag, body) = self.read_msg().await;
+            match tag {
+                b'R' => {
+                    let code = i32::from_be_bytes(body[..4].try_into().unwrap());
+                    let data = &body[4..];
+                    let mut out = BytesMut::new();
+                    match code {
+                        0 => continue,
+                        10 => {
+                            let mechs: Vec<&[u8]> = data.split(|b| *b == 0).collect();
+                            assert!(
+                                mechs.contains(&&b"SCRAM-SHA-256"[..]),
+                                "mechanisms offered: {:?}",
+                                String::from_utf8_lossy(data)
+                            );
+                            let s = ScramSha256::new(
+                                password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .unwrap();
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().expect("SASLContinue before SASL");
+                            s.update(data).expect("SCRAM server-first");
+                            frontend::sasl_response(s.message(), &mut out).unwrap();
+                        }
+                        12 => {
+                            scram
+                                .take()
+                                .expect("SASLFinal before SASL")
+                                .finish(data)
+                                .expect("SCRAM server signature");
+                            continue;
+                        }
+                        other => panic!("unexpected authentication request {other}"),
+                    }
+                    self.send(&out).await;
+                }
+                b'S' | b'N' => {}
+                b'K' => {
+                    let pid = i32::from_be_bytes(body[0..4].try_into().unwrap());
+                    let secret = i32::from_be_bytes(body[4..8].try_into().unwrap());
+                    key = Some((pid, secret));
+                }
+                b'Z' => return key.expect("ReadyForQuery without BackendKeyData"),
+                b'E' => panic!("login failed: {:?}", error_fields(&body)),
+                other => panic!(
+                    "unexpected message {:?} during login: {:?}",
+                    other as char,
+                    String::from_utf8_lossy(&body)
+                ),
+            }
+        }
+    }
+
+    async fn send_query(&mut self, sql: &str) {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).unwrap();
+        self.send(&out).await;
+    }
+
+    /// Reads a simple query's results up to ReadyForQuery.
+    async fn read_query_result(&mut self) -> RawResult {
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = self.read_msg().await;
+            match tag {
+                b'D' => {
+                    let mut b = &body[..];
+                    let n = b.get_i16();
+                    let mut row = Vec::new();
+                    for _ in 0..n {
+                        let len = b.get_i32();
+                        if len < 0 {
+                            row.push(None);
+                        } else {
+                            let v = String::from_utf8_lossy(&b[..len as usize]).into_owned();
+                            b.advance(len as usize);
+                            row.push(Some(v));
+                        }
+                    }
+                    rows.push(row);
+                }
+                b'E' => error = Some(error_fields(&body)),
+                b'Z' => {
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn simple_query(&mut self, sql: &str) -> RawResult {
+        self.send_query(sql).await;
+        self.read_query_result().await
+    }
+
+    async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        frontend::terminate(&mut out);
+        self.send(&out).await;
+        // Wait for the proxy to close its side.
+        let _ = self.try_read_msg().await;
+    }
+}
+
+/// Sends a CancelRequest to `port` and waits until the proxy has handled it
+/// (it closes the connection once the request is processed).
+async fn send_cancel(port: u16, pid: i32, secret: i32) {
+    let mut raw = Raw::connect(port).await;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, secret, &mut out);
+    raw.send(&out).await;
+    raw.expect_eof().await;
+}
+
+/// Polls `pg` until a backend runs `query` (state active), up to 10 s.
+async fn wait_until_running(admin: &tokio_postgres::Client, query: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                &[&query],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "query {query:?} never showed up as active on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Proxy log with ANSI escape sequences (colours) removed.
+fn plain_logs(proxy: &Proxy) -> String {
+    let raw = proxy.logs();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Log lines of finished sessions ("client closed", not the login failures).
+fn session_close_lines(logs: &str) -> Vec<&str> {
+    logs.lines()
+        .filter(|l| l.contains("client closed") && !l.contains("client closed during login"))
+        .collect()
+}
+
+fn count_lines(logs: &str, needle: &str) -> usize {
+    logs.lines().filter(|l| l.contains(needle)).count()
+}
+
+// ---------------------------------------------------------------------------
+// 1. startup
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_request_is_refused_with_n_then_startup_succeeds() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&request_code(SSL_REQUEST)).await;
+    assert_eq!(raw.read_byte().await, b'N', "SSLRequest answer");
+    // Nothing else may follow the 'N' before the client speaks.
+    assert!(raw.buf.is_empty(), "extra bytes after 'N': {:?}", raw.buf);
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    raw.login(PASSWORD).await;
+    let rows = raw.simple_query("SELECT 40 + 2").await.unwrap();
+    assert_eq!(rows, vec![vec![Some("42".to_owned())]]);
+    raw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gssenc_request_is_refused_with_n_then_startup_succeeds() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&request_code(GSSENC_REQUEST)).await;
+    assert_eq!(raw.read_byte().await, b'N', "GSSENCRequest answer");
+    assert!(raw.buf.is_empty(), "extra bytes after 'N': {:?}", raw.buf);
+    // A client may then try SSL too, and then go on in plaintext.
+    raw.send(&request_code(SSL_REQUEST)).await;
+    assert_eq!(
+        raw.read_byte().await,
+        b'N',
+        "SSLRequest after GSSENC answer"
+    );
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    raw.login(PASSWORD).await;
+    let rows = raw.simple_query("SELECT 'ok'").await.unwrap();
+    assert_eq!(rows, vec![vec![Some("ok".to_owned())]]);
+    raw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_protocol_major_versions_get_fatal_0a000() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    for (version, label) in [(2 << 16, "2.0"), (4 << 16, "4.0")] {
+        let mut raw = Raw::connect(proxy.port).await;
+        raw.send(&startup_packet(
+            version,
+            &[("user", USER), ("database", "postgres")],
+        ))
+        .await;
+        let e = raw.expect_error().await;
+        assert_eq!(
+            e.get(&'S').map(String::as_str),
+            Some("FATAL"),
+            "{label}: {e:?}"
+        );
+        assert_eq!(
+            e.get(&'C').map(String::as_str),
+            Some("0A000"),
+            "{label}: {e:?}"
+        );
+        assert!(
+            e.get(&'M').is_some_and(|m| m.contains(label)),
+            "{label}: message should name the version: {e:?}"
+        );
+        raw.expect_eof().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_startup_lengths_get_08p01() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("length 2", 2i32.to_be_bytes().to_vec()),
+        ("length 9999999", {
+            let mut v = 9_999_999i32.to_be_bytes().to_vec();
+            v.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
+            v
+        }),
+        ("negative length", (-1i32).to_be_bytes().to_vec()),
+    ];
+    for (label, bytes) in cases {
+        let mut raw = Raw::connect(proxy.port).await;
+        raw.send(&bytes).await;
+        let e = raw.expect_error().await;
+        assert_eq!(
+            e.get(&'S').map(String::as_str),
+            Some("FATAL"),
+            "{label}: {e:?}"
+        );
+        assert_eq!(
+            e.get(&'C').map(String::as_str),
+            Some("08P01"),
+            "{label}: {e:?}"
+        );
+        raw.expect_eof().await;
+    }
+    // The proxy is still fine afterwards.
+    let client = connect(&proxy).await;
+    assert_eq!(select_int(&client, "SELECT 1").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_without_user_gets_fatal_28000() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    for params in [
+        &[("database", "postgres")][..],
+        &[][..],
+        &[("user", ""), ("database", "postgres")][..],
+    ] {
+        let mut raw = Raw::connect(proxy.port).await;
+        raw.send(&startup_packet(PROTOCOL_3_0, params)).await;
+        let e = raw.expect_error().await;
+        assert_eq!(
+            e.get(&'S').map(String::as_str),
+            Some("FATAL"),
+            "{params:?}: {e:?}"
+        );
+        assert_eq!(
+            e.get(&'C').map(String::as_str),
+            Some("28000"),
+            "{params:?}: {e:?}"
+        );
+        assert_eq!(
+            e.get(&'M').map(String::as_str),
+            Some("no PostgreSQL user name specified in startup packet"),
+            "{params:?}"
+        );
+        raw.expect_eof().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_3_2_gets_negotiate_protocol_version_then_works() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_2,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    let (tag, body) = raw.read_msg().await;
+    assert_eq!(
+        tag as char,
+        'v',
+        "expected NegotiateProtocolVersion first, got {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    let mut b = &body[..];
+    let newest = b.get_i32();
+    let unrecognized = b.get_i32();
+    assert_eq!(newest, PROTOCOL_3_0, "newest minor version supported");
+    assert_eq!(unrecognized, 0, "no _pq_ options were sent");
+    assert!(b.is_empty(), "trailing bytes in NegotiateProtocolVersion");
+    raw.login(PASSWORD).await;
+    let rows = raw.simple_query("SELECT 7 * 6").await.unwrap();
+    assert_eq!(rows, vec![vec![Some("42".to_owned())]]);
+    raw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_options_get_negotiate_protocol_version_listing_them() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[
+            ("user", USER),
+            ("_pq_.made_up_option", "on"),
+            ("database", "postgres"),
+        ],
+    ))
+    .await;
+    let (tag, body) = raw.read_msg().await;
+    assert_eq!(tag as char, 'v', "{:?}", String::from_utf8_lossy(&body));
+    let mut b = &body[..];
+    assert_eq!(b.get_i32(), PROTOCOL_3_0);
+    assert_eq!(b.get_i32(), 1, "one unrecognized option");
+    assert_eq!(b, b"_pq_.made_up_option\0");
+    raw.login(PASSWORD).await;
+    assert_eq!(
+        raw.simple_query("SELECT 1").await.unwrap(),
+        vec![vec![Some("1".to_owned())]]
+    );
+    raw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_with_sslmode_prefer_falls_back_to_plaintext() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let port = proxy.port;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(psql_bin())
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!(
+                "host=127.0.0.1 port={port} user={USER} dbname=postgres sslmode=prefer connect_timeout=10"
+            ))
+            .args(["-c", "SELECT 'via-proxy', inet_server_port() IS NOT NULL"])
+            .env("PGPASSWORD", PASSWORD)
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSERVICE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn psql")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-proxy|t");
+}
+
+// ---------------------------------------------------------------------------
+// 2. backend selection
+// ---------------------------------------------------------------------------
+
+async fn check_active_backend(active: &str) {
+    let (blue, green) = std::thread::scope(|s| {
+        let b = s.spawn(|| PgServer::start(PgOptions::default()));
+        let g = s.spawn(|| PgServer::start(PgOptions::default()));
+        (b.join().unwrap(), g.join().unwrap())
+    });
+    for pg in [&blue, &green] {
+        pg.create_user(USER, PASSWORD);
+    }
+    green.psql("CREATE TABLE only_on_green (x int); GRANT SELECT ON only_on_green TO app");
+    blue.psql("CREATE TABLE only_on_blue (x int); GRANT SELECT ON only_on_blue TO app");
+    let mut cfg = Cfg::new(blue.port);
+    cfg.green = Some(green.port);
+    cfg.active = active;
+    let proxy = cfg.start();
+    let (want, other, want_table, other_table) = if active == "green" {
+        (green.port, blue.port, "only_on_green", "only_on_blue")
+    } else {
+        (blue.port, green.port, "only_on_blue", "only_on_green")
+    };
+    let client = connect(&proxy).await;
+    for _ in 0..3 {
+        let port = select_int(&client, "SELECT inet_server_port()").await;
+        assert_eq!(
+            port as u16, want,
+            "queries must reach {active} (other: {other})"
+        );
+    }
+    client
+        .simple_query(&format!("SELECT * FROM {want_table}"))
+        .await
+        .unwrap_or_else(|e| panic!("{want_table} must exist on the active side: {e:?}"));
+    let err = client
+        .simple_query(&format!("SELECT * FROM {other_table}"))
+        .await
+        .expect_err("table of the inactive side must not be visible");
+    assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE), "{err:?}");
+    // A second client lands on the same side.
+    let client2 = connect(&proxy).await;
+    assert_eq!(
+        select_int(&client2, "SELECT inet_server_port()").await as u16,
+        want
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_green_routes_queries_to_green() {
+    check_active_backend("green").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_blue_routes_queries_to_blue() {
+    check_active_backend("blue").await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. login
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_login_right_password_works() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let client = connect(&proxy).await;
+    let row = client
+        .query_one("SELECT current_user::text, 1 + 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), USER);
+    assert_eq!(row.get::<_, i32>(1), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_wrong_password_and_unknown_user_get_identical_28p01() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let e = try_connect(&proxy, USER, Some("wrong"))
+        .await
+        .expect_err("wrong password accepted");
+    let (code, severity, message) = db_error(&e);
+    assert_eq!(code, "28P01");
+    assert_eq!(severity, "FATAL");
+    assert_eq!(message, "password authentication failed for user \"app\"");
+
+    let e = try_connect(&proxy, "nobody", Some(PASSWORD))
+        .await
+        .expect_err("unknown user accepted");
+    let (code, severity, message) = db_error(&e);
+    assert_eq!(
+        code, "28P01",
+        "unknown user must look like a wrong password"
+    );
+    assert_eq!(severity, "FATAL");
+    assert_eq!(
+        message,
+        "password authentication failed for user \"nobody\""
+    );
+
+    // The right password still works after failures.
+    let client = connect(&proxy).await;
+    assert_eq!(select_int(&client, "SELECT 3").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_auth_logs_in_without_password_backend_still_uses_scram() {
+    // The backend demands SCRAM; the client sends no password at all.
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user(USER, PASSWORD);
+    let mut cfg = Cfg::new(pg.port);
+    cfg.auth_method = "trust";
+    let proxy = cfg.start();
+    let client = try_connect(&proxy, USER, None)
+        .await
+        .unwrap_or_else(|e| panic!("trust login without a password failed: {e:?}"));
+    let row = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), USER);
+    // The server side really authenticated app over TCP with scram.
+    let admin = pg.admin().await;
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND client_addr IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 1, "no TCP backend connection of app on the server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_client_auth_right_and_wrong_password() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user(USER, PASSWORD);
+    let mut cfg = Cfg::new(pg.port);
+    cfg.auth_method = "md5";
+    let proxy = cfg.start();
+
+    // The proxy must really ask for md5 (tokio-postgres would follow any method).
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    let (tag, body) = raw.read_msg().await;
+    assert_eq!(tag, b'R');
+    assert_eq!(
+        &body[..4],
+        &5i32.to_be_bytes(),
+        "AuthenticationMD5Password expected"
+    );
+    let salt: [u8; 4] = body[4..8].try_into().unwrap();
+    let hash =
+        postgres_protocol::authentication::md5_hash(USER.as_bytes(), PASSWORD.as_bytes(), salt);
+    let mut out = BytesMut::new();
+    frontend::password_message(hash.as_bytes(), &mut out).unwrap();
+    raw.send(&out).await;
+    raw.login(PASSWORD).await;
+    assert_eq!(
+        raw.simple_query("SELECT 5").await.unwrap(),
+        vec![vec![Some("5".to_owned())]]
+    );
+    raw.terminate().await;
+
+    let client = connect(&proxy).await;
+    assert_eq!(select_int(&client, "SELECT 4").await, 4);
+
+    let e = try_connect(&proxy, USER, Some("wrong"))
+        .await
+        .expect_err("md5: wrong password accepted");
+    let (code, severity, message) = db_error(&e);
+    assert_eq!(code, "28P01");
+    assert_eq!(severity, "FATAL");
+    assert_eq!(message, "password authentication failed for user \"app\"");
+
+    let e = try_connect(&proxy, "nobody", Some(PASSWORD))
+        .await
+        .expect_err("md5: unknown user accepted");
+    let (code, _, message) = db_error(&e);
+    assert_eq!(code, "28P01");
+    assert_eq!(
+        message,
+        "password authentication failed for user \"nobody\""
+    );
+}
+
+async fn check_backend_hba(hba: HbaAuth) {
+    let (pg, proxy) = pg_and_proxy(hba);
+    // Sanity: the server really demands that method.
+    let hba_file = std::fs::read_to_string(pg.data_dir.join("pg_hba.conf")).unwrap();
+    assert!(
+        hba_file.contains(&format!("127.0.0.1/32 {}", hba.hba_method())),
+        "{hba_file}"
+    );
+    let client = connect(&proxy).await;
+    let row = client
+        .query_one("SELECT current_user::text, 10 + 1", &[])
+        .await
+        .unwrap_or_else(|e| panic!("query via a {hba:?} backend: {e:?}"));
+    assert_eq!(row.get::<_, String>(0), USER);
+    assert_eq!(row.get::<_, i32>(1), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_demanding_md5_works() {
+    check_backend_hba(HbaAuth::Md5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_demanding_cleartext_password_works() {
+    check_backend_hba(HbaAuth::Password).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_login_failure_surfaces_server_28p01() {
+    let pg = PgServer::start(PgOptions::default());
+    // The proxy knows app/secret, the server has another password.
+    pg.create_user(USER, "different-on-server");
+    let proxy = Cfg::new(pg.port).start();
+    let started = Instant::now();
+    let e = try_connect(&proxy, USER, Some(PASSWORD))
+        .await
+        .expect_err("login succeeded although the server refuses the password");
+    let (code, severity, message) = db_error(&e);
+    assert_eq!(
+        code, "28P01",
+        "server's SQLSTATE must reach the client: {message}"
+    );
+    assert_eq!(severity, "FATAL");
+    assert_eq!(message, "password authentication failed for user \"app\"");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the failure took {:?}",
+        started.elapsed()
+    );
+    // A second attempt gets the same (not a cached success, not a hang).
+    let e = try_connect(&proxy, USER, Some(PASSWORD))
+        .await
+        .expect_err("second login succeeded although the server refuses the password");
+    assert_eq!(db_error(&e).0, "28P01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_database_surfaces_server_3d000() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let mut c = proxy_config(&proxy, USER, Some(PASSWORD));
+    c.dbname("no_such_db");
+    let e = c
+        .connect(NoTls)
+        .await
+        .map(|_| ())
+        .expect_err("login to a missing database succeeded");
+    let (code, severity, message) = db_error(&e);
+    assert_eq!(code, "3D000", "{message}");
+    assert_eq!(severity, "FATAL");
+    assert_eq!(message, "database \"no_such_db\" does not exist");
+}
+
+// ---------------------------------------------------------------------------
+// 4. cancel
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_only_the_target_query() {
+    let (pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    check_cancel_only_target(&pg, &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_only_the_target_query_in_session_mode() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user(USER, PASSWORD);
+    let mut cfg = Cfg::new(pg.port);
+    cfg.pool_mode = "session";
+    let proxy = cfg.start();
+    check_cancel_only_target(&pg, &proxy).await;
+}
+
+async fn check_cancel_only_target(pg: &PgServer, proxy: &Proxy) {
+    let admin = pg.admin().await;
+    let victim = connect(proxy).await;
+    let bystander = connect(proxy).await;
+    let token = victim.cancel_token();
+
+    let long = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let r = victim.simple_query("select pg_sleep(30)").await;
+        (r, t0.elapsed())
+    });
+    wait_until_running(&admin, "select pg_sleep(30)").await;
+    let short = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let r = bystander.simple_query("select pg_sleep(1.5)").await;
+        (r, t0.elapsed())
+    });
+    wait_until_running(&admin, "select pg_sleep(1.5)").await;
+
+    token.cancel_query(NoTls).await.expect("send cancel");
+
+    let (r, took) = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("cancelled query did not end within 10s")
+        .unwrap();
+    let err = r.expect_err("pg_sleep(30) was not cancelled");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+    assert!(took < Duration::from_secs(10), "cancel took {took:?}");
+
+    let (r, took) = tokio::time::timeout(Duration::from_secs(10), short)
+        .await
+        .expect("bystander query did not end")
+        .unwrap();
+    r.unwrap_or_else(|e| panic!("the other client's query was hit by the cancel: {e:?}"));
+    assert!(
+        took >= Duration::from_millis(1400),
+        "pg_sleep(1.5) ended after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_with_wrong_secret_does_nothing() {
+    let (pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let admin = pg.admin().await;
+
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    let (pid, secret) = raw.login(PASSWORD).await;
+
+    let t0 = Instant::now();
+    raw.send_query("select pg_sleep(1)").await;
+    wait_until_running(&admin, "select pg_sleep(1)").await;
+    // Wrong secret for the right key, and a key that doesn't exist.
+    send_cancel(proxy.port, pid, secret.wrapping_add(1)).await;
+    send_cancel(proxy.port, pid, !secret).await;
+    send_cancel(proxy.port, pid.wrapping_add(1000), secret).await;
+    let r = raw.read_query_result().await;
+    assert!(
+        r.is_ok(),
+        "query was cancelled by a wrong-secret CancelRequest: {r:?}"
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(950));
+
+    // Positive control: the right key cancels a running query.
+    raw.send_query("select pg_sleep(20)").await;
+    wait_until_running(&admin, "select pg_sleep(20)").await;
+    send_cancel(proxy.port, pid, secret).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), raw.read_query_result())
+        .await
+        .expect("right-secret cancel did not end the query");
+    let e = r.expect_err("right-secret cancel had no effect");
+    assert_eq!(e.get(&'C').map(String::as_str), Some("57014"), "{e:?}");
+    raw.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_after_ssl_request_is_honoured() {
+    // libpq 17's cancel API negotiates SSL (gets 'N') before the CancelRequest.
+    let (pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let admin = pg.admin().await;
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    let (pid, secret) = raw.login(PASSWORD).await;
+    raw.send_query("select pg_sleep(25)").await;
+    wait_until_running(&admin, "select pg_sleep(25)").await;
+
+    let mut cancel = Raw::connect(proxy.port).await;
+    cancel.send(&request_code(SSL_REQUEST)).await;
+    assert_eq!(cancel.read_byte().await, b'N');
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, secret, &mut out);
+    cancel.send(&out).await;
+    cancel.expect_eof().await;
+
+    let r = tokio::time::timeout(Duration::from_secs(10), raw.read_query_result())
+        .await
+        .expect("cancel after SSLRequest did not end the query");
+    let e = r.expect_err("cancel after SSLRequest had no effect");
+    assert_eq!(e.get(&'C').map(String::as_str), Some("57014"), "{e:?}");
+    // The session survives a cancelled query.
+    assert_eq!(
+        raw.simple_query("SELECT 1").await.unwrap(),
+        vec![vec![Some("1".to_owned())]]
+    );
+    raw.terminate().await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. logs
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connect_and_one_close_line_and_no_per_query_lines() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let before = plain_logs(&proxy);
+    let connected_before = count_lines(&before, "client connected");
+    let closed_before = session_close_lines(&before).len();
+
+    let client = connect(&proxy).await;
+    assert_eq!(select_int(&client, "SELECT 0").await, 0);
+    // Now connected: exactly one new "client connected".
+    assert!(proxy.wait_for_log("client connected", Duration::from_secs(5)));
+    let mid = plain_logs(&proxy);
+    assert_eq!(
+        count_lines(&mid, "client connected"),
+        connected_before + 1,
+        "{mid}"
+    );
+    let mid_lines = mid.lines().count();
+
+    for i in 0..50 {
+        assert_eq!(select_int(&client, &format!("SELECT {i}")).await, i);
+    }
+    client
+        .simple_query("BEGIN; SELECT 1; COMMIT")
+        .await
+        .unwrap();
+    let after_queries = plain_logs(&proxy);
+    assert_eq!(
+        after_queries.lines().count(),
+        mid_lines,
+        "queries added log lines:\n{}",
+        after_queries
+            .lines()
+            .skip(mid_lines)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    drop(client); // sends Terminate
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logs = loop {
+        let logs = plain_logs(&proxy);
+        if session_close_lines(&logs).len() > closed_before || Instant::now() > deadline {
+            break logs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let closes = session_close_lines(&logs);
+    assert_eq!(closes.len(), closed_before + 1, "{logs}");
+    let close = closes.last().unwrap();
+    assert!(close.contains("duration_ms="), "no duration_ms: {close}");
+    assert!(close.contains("reason="), "no reason: {close}");
+    assert!(close.contains("user=app"), "no user: {close}");
+    assert_eq!(
+        count_lines(&logs, "client connected"),
+        connected_before + 1,
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abrupt_disconnect_logs_one_close_line() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let closed_before = session_close_lines(&plain_logs(&proxy)).len();
+    let mut raw = Raw::connect(proxy.port).await;
+    raw.send(&startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("database", "postgres")],
+    ))
+    .await;
+    raw.login(PASSWORD).await;
+    assert!(raw.simple_query("SELECT 1").await.is_ok());
+    drop(raw); // no Terminate: the socket just closes
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = plain_logs(&proxy);
+        let closes = session_close_lines(&logs);
+        if closes.len() > closed_before {
+            assert_eq!(closes.len(), closed_before + 1, "{logs}");
+            let line = closes.last().unwrap();
+            assert!(line.contains("duration_ms="), "{line}");
+            assert!(line.contains("reason="), "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no close line:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn no_password_in_logs_at_debug_level() {
+    // nextest runs each test in its own process, so this only affects this
+    // test's proxies; set before any thread exists.
+    std::env::set_var("RUST_LOG", "debug");
+    const SECRET: &str = "Zq9-unmistakable-pw-7Hx";
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pg = PgServer::start(PgOptions::default());
+        pg.create_user(USER, SECRET);
+        pg.create_user("other", "server-side-differs");
+        let mut cfg = Cfg::new(pg.port);
+        cfg.users = vec![(USER, SECRET), ("other", SECRET)];
+        let proxy = cfg.start();
+
+        // Successful scram login + queries (the proxy logs in to the server with SECRET).
+        let client = try_connect(&proxy, USER, Some(SECRET)).await.unwrap();
+        for _ in 0..5 {
+            client.simple_query("SELECT 1").await.unwrap();
+        }
+        // Failed client logins.
+        assert!(try_connect(&proxy, USER, Some("wrong-Zq9")).await.is_err());
+        assert!(try_connect(&proxy, "nobody", Some(SECRET)).await.is_err());
+        // A backend login failure.
+        assert!(try_connect(&proxy, "other", Some(SECRET)).await.is_err());
+        drop(client);
+
+        assert!(
+            proxy.wait_for_log("client closed", Duration::from_secs(5)),
+            "{}",
+            proxy.logs()
+        );
+        let logs = proxy.logs();
+        let plain = plain_logs(&proxy);
+        assert!(
+            plain.contains(" DEBUG "),
+            "RUST_LOG=debug did not take effect:\n{logs}"
+        );
+        assert!(!logs.contains(SECRET), "password in the proxy log:\n{logs}");
+        assert!(
+            !logs.contains("wrong-Zq9"),
+            "attempted password in the log:\n{logs}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 6. max_client_conn
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_client_conn_refuses_third_client_with_53300() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user(USER, PASSWORD);
+    let mut cfg = Cfg::new(pg.port);
+    cfg.max_client_conn = 2;
+    let proxy = cfg.start();
+    // Proxy::start probes the port with a bare TCP connect; let that one end.
+    assert!(proxy.wait_for_log("client closed during login", Duration::from_secs(5)));
+
+    let a = connect(&proxy).await;
+    let b = connect(&proxy).await;
+    assert_eq!(select_int(&a, "SELECT 1").await, 1);
+    assert_eq!(select_int(&b, "SELECT 2").await, 2);
+
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        try_connect(&proxy, USER, Some(PASSWORD)),
+    )
+    .await
+    .expect("third client neither admitted nor refused within 5s");
+    let took = t0.elapsed();
+    let e = r.expect_err("third client admitted past max_client_conn = 2");
+    let (code, severity, _) = db_error(&e);
+    assert_eq!(code, "53300");
+    assert_eq!(severity, "FATAL");
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+
+    // The first two keep working.
+    assert_eq!(select_int(&a, "SELECT 10").await, 10);
+    assert_eq!(select_int(&b, "SELECT 20").await, 20);
+
+    // Once one leaves, a new client gets in.
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c = loop {
+        match try_connect(&proxy, USER, Some(PASSWORD)).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(db_error(&e).0, "53300");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("slot never freed: {e:?}"),
+        }
+    };
+    assert_eq!(select_int(&c, "SELECT 30").await, 30);
+    assert_eq!(select_int(&a, "SELECT 40").await, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_still_works_when_max_client_conn_is_reached() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user(USER, PASSWORD);
+    let admin = pg.admin().await;
+    let mut cfg = Cfg::new(pg.port);
+    cfg.max_client_conn = 2;
+    let proxy = cfg.start();
+    assert!(proxy.wait_for_log("client closed during login", Duration::from_secs(5)));
+
+    let a = connect(&proxy).await;
+    let _b = connect(&proxy).await;
+    let token = a.cancel_token();
+    let long = tokio::spawn(async move { a.simple_query("select pg_sleep(30)").await });
+    wait_until_running(&admin, "select pg_sleep(30)").await;
+    // The CancelRequest is a third connection, but it is not a client session.
+    token.cancel_query(NoTls).await.expect("send cancel");
+    let r = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("cancel at max_client_conn did not end the query")
+        .unwrap();
+    let err = r.expect_err("pg_sleep(30) was not cancelled");
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+}
