@@ -91,6 +91,7 @@ def cmd_parse(a):
         "status": "ok",
         "busy_before_pct": a.busy,
         "other_cpu_pct": other_cpu_pct(a.cpu_before, a.cpu_after) if a.cpu_before and a.cpu_after else None,
+        "cpu_snapshots": [a.cpu_before, a.cpu_after],
     }
     aborted = re.search(r"(client \d+ aborted.*|Run was aborted.*)", out)
     if a.rc != 0 or tps is None or not lat or aborted:
@@ -137,8 +138,10 @@ def cmd_cpu_snapshot(a):
     import time
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...
-    busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + (cpu[7] if len(cpu) > 7 else 0)
+    # user nice system idle iowait irq softirq steal ...  irq/softirq time is not charged to any
+    # process (the loopback traffic of the benchmark itself is mostly softirq), so leave it out;
+    # steal (the hypervisor running something else) counts as interference.
+    busy = cpu[0] + cpu[1] + cpu[2] + (cpu[7] if len(cpu) > 7 else 0)
     procs = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -161,15 +164,17 @@ def cmd_cpu_snapshot(a):
         seen.add(pid)
         ours += procs[pid][1]
         stack.extend(children.get(pid, []))
-    print(f"{time.monotonic():.3f} {busy} {ours}")
+    print(f"v2 {time.monotonic():.3f} {busy} {ours}")
     return 0
 
 
 def other_cpu_pct(before, after):
     """CPU share (0-100 of all CPUs) used by processes outside our trees between two snapshots."""
+    if not (before.startswith("v2 ") and after.startswith("v2 ")):
+        return None
     try:
-        t0, b0, o0 = (float(x) for x in before.split())
-        t1, b1, o1 = (float(x) for x in after.split())
+        t0, b0, o0 = (float(x) for x in before.split()[1:])
+        t1, b1, o1 = (float(x) for x in after.split()[1:])
     except ValueError:
         return None
     hz = os.sysconf("SC_CLK_TCK")

@@ -423,6 +423,39 @@ async fn transaction_pooling_caps_server_connections_and_isolates_transactions()
         .expect("B still waiting after A committed")
         .unwrap();
     assert_eq!(seen, 1, "B should run after A's commit and see its row");
+
+    // A failed transaction (status 'E') still holds its server until ROLLBACK.
+    s1.batch_execute("BEGIN; INSERT INTO items VALUES (-3, 0)")
+        .await
+        .unwrap();
+    let err = s1.batch_execute("SELECT 1/0").await.unwrap_err();
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("22012"),
+        "{}",
+        describe(&err)
+    );
+    let s2c = s2.clone();
+    let waiting = tokio::spawn(async move { count_items(&s2c, -3).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "B got the server of A's failed, still open transaction (result {:?})",
+        waiting.await
+    );
+    let err = s1.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        sqlstate(&err).as_deref(),
+        Some("25P02"),
+        "A's transaction should still be aborted: {}",
+        describe(&err)
+    );
+    s1.batch_execute("ROLLBACK").await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("B still waiting after A rolled back")
+        .unwrap();
+    assert_eq!(seen, 0, "A's rolled back row is visible");
     drop(proxy);
 }
 
@@ -609,6 +642,59 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
         |n| (1..=3).contains(&n),
     )
     .await;
+    drop(c4);
+
+    // Startup parameters belong to their session only.
+    let closed_before = proxy.logs().matches("client terminated").count();
+    let mut cfg = client_config(port, USER);
+    cfg.application_name("first_session_app");
+    let (named, _task) = cfg
+        .connect(NoTls)
+        .await
+        .map(|(c, conn)| (c, tokio::spawn(conn)))
+        .unwrap();
+    assert_eq!(
+        simple_one(&named, "SHOW application_name")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("first_session_app")
+    );
+    let named_pid = backend_pid(&named).await;
+    drop(named);
+    assert!(proxy.wait_for_log_count(
+        "client terminated",
+        closed_before + 1,
+        Duration::from_secs(5)
+    ));
+    let plain = connect(port).await;
+    let plain_pid = backend_pid(&plain).await;
+    let app_name = simple_one(&plain, "SHOW application_name").await.unwrap();
+    assert_ne!(
+        app_name.as_deref(),
+        Some("first_session_app"),
+        "the next client (server pid {plain_pid}, previous {named_pid}) inherited the previous client's application_name"
+    );
+    drop(plain);
+    assert!(proxy.wait_for_log_count(
+        "client terminated",
+        closed_before + 2,
+        Duration::from_secs(5)
+    ));
+    let mut cfg = client_config(port, USER);
+    cfg.application_name("second_session_app");
+    let (named2, _task2) = cfg
+        .connect(NoTls)
+        .await
+        .map(|(c, conn)| (c, tokio::spawn(conn)))
+        .unwrap();
+    assert_eq!(
+        simple_one(&named2, "SHOW application_name")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("second_session_app")
+    );
     drop(proxy);
 }
 
@@ -991,6 +1077,52 @@ async fn server_lifetime_replaces_old_connections_without_client_errors() {
         p3, in_tx,
         "connection older than server_lifetime reused after the transaction"
     );
+    drop(c);
+
+    // Under continuous load connections keep being retired: nobody sees an error.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..4i32 {
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let c = connect(port).await;
+            let mut pids = std::collections::HashSet::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let step = async {
+                    c.batch_execute("BEGIN").await?;
+                    c.execute("INSERT INTO items VALUES ($1, $2)", &[&(100 + i), &n])
+                        .await?;
+                    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+                    c.batch_execute("COMMIT").await?;
+                    Ok::<i32, tokio_postgres::Error>(pid)
+                };
+                let pid = step
+                    .await
+                    .map_err(|e| format!("worker {i} transaction {n}: {}", describe(&e)))?;
+                pids.insert(pid);
+                n += 1;
+            }
+            Ok::<(usize, i32), String>((pids.len(), n))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut distinct = 0;
+    for (i, w) in workers.into_iter().enumerate() {
+        let (pids, n) = tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .expect("worker hung")
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(n > 0, "worker {i} ran no transaction");
+        assert_eq!(committed_items(&pg, 100 + i as i32), i64::from(n));
+        distinct = distinct.max(pids);
+    }
+    assert!(
+        distinct >= 2,
+        "in 3.5 s with server_lifetime = 1s a client should meet several servers"
+    );
     drop(proxy);
 }
 
@@ -1150,7 +1282,84 @@ async fn client_disconnecting_mid_transaction_rolls_back_and_frees_the_server() 
             "round {round}: A's row was committed"
         );
     }
+
+    // A client that vanishes while its query runs: the pool's only slot is
+    // free again for B (the busy server connection is not reused).
+    let (a, a_task) = try_connect_as(port, USER).await.expect("connect A");
+    let a = Arc::new(a);
+    let a2 = a.clone();
+    let running = tokio::spawn(async move { a2.simple_query("SELECT pg_sleep(1.5)").await });
+    let started = wait_for(Duration::from_secs(5), || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND query LIKE '%pg_sleep(1.5)%' AND state = 'active'",
+                &[&USER],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "A's query never started on the server");
+    a_task.abort();
+    let _ = a_task.await;
+    let _ = running.await;
+    drop(a);
+    let b = connect(port).await;
+    let res = tokio::time::timeout(Duration::from_secs(10), simple_one(&b, "select 7"))
+        .await
+        .expect("B hung after A vanished mid-query");
+    match res {
+        Ok(v) => assert_eq!(v.as_deref(), Some("7")),
+        Err(e) => panic!("B failed after A vanished mid-query: {}", describe(&e)),
+    }
     drop(proxy);
+}
+
+// ---------------------------------------------------------------- 10b. SIGTERM with a stuck transaction
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_after_shutdown_timeout_even_with_an_open_transaction() {
+    let pg = start_pg();
+    let port = free_port();
+    let mut proxy = Proxy::start(&proxy_toml(
+        port,
+        pg.port,
+        &[("shutdown_timeout", "2s")],
+        "",
+    ));
+    let admin = pg.admin().await;
+    let stuck = connect(port).await;
+    stuck
+        .batch_execute("BEGIN; INSERT INTO items VALUES (-12, 1)")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    proxy.signal(SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(4)).unwrap_or_else(|| {
+        panic!(
+            "proxy still running {:?} after SIGTERM with shutdown_timeout = 2s",
+            t0.elapsed()
+        )
+    });
+    let took = t0.elapsed();
+    assert!(status.success(), "exit status {status}:\n{}", proxy.logs());
+    assert!(
+        took >= Duration::from_millis(1500),
+        "proxy exited after {took:?}, not waiting shutdown_timeout for the open transaction"
+    );
+    // Its server connections are gone, so the server rolled back.
+    wait_conns(
+        &admin,
+        USER,
+        Duration::from_secs(5),
+        "after proxy exit",
+        |n| n == 0,
+    )
+    .await;
+    assert_eq!(committed_items(&pg, -12), 0);
+    assert!(stuck.simple_query("select 1").await.is_err());
 }
 
 // ---------------------------------------------------------------- 8. server lost
@@ -1226,6 +1435,41 @@ async fn terminated_server_fails_the_client_cleanly_and_pool_recovers() {
         server_conns_in_state(&admin, USER, "idle in transaction%").await,
         0
     );
+
+    // A server connection that dies while idle in the pool is noticed and
+    // replaced: the next transaction sees no error.
+    for round in 0..3 {
+        let idle_pid = backend_pid(&d).await;
+        let killed: bool = admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&idle_pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(killed);
+        let gone = wait_for(Duration::from_secs(5), || async {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&idle_pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 0).then_some(())
+        })
+        .await;
+        assert!(gone.is_some(), "terminated backend {idle_pid} did not exit");
+        let res = tokio::time::timeout(Duration::from_secs(10), d.simple_query("select 1"))
+            .await
+            .expect("query hung after the idle server was terminated");
+        if let Err(e) = res {
+            panic!(
+                "round {round}: the pooled server died while idle and the client's next query failed: {}",
+                describe(&e)
+            );
+        }
+        assert_ne!(backend_pid(&d).await, idle_pid, "round {round}");
+    }
     drop(proxy);
 }
 
