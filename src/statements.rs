@@ -23,6 +23,9 @@ pub struct Statement {
     /// A server has accepted this statement once, so a later client's Parse
     /// of it can be answered without a server (see `Session::answer_locally`).
     validated: AtomicBool,
+    /// A server reported the cached plan stale after a schema change; the next
+    /// Parse of this text gets a new statement (and server-side name).
+    stale: AtomicBool,
 }
 
 impl Statement {
@@ -32,6 +35,10 @@ impl Statement {
 
     pub fn mark_validated(&self) {
         self.validated.store(true, Ordering::Relaxed);
+    }
+
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
     }
 }
 
@@ -48,7 +55,9 @@ impl StatementRegistry {
     pub fn intern(&self, body: &[u8]) -> Arc<Statement> {
         let mut map = self.by_body.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(stmt) = map.get(body).and_then(Weak::upgrade) {
-            return stmt;
+            if !stmt.stale.load(Ordering::Relaxed) {
+                return stmt;
+            }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let body = Bytes::copy_from_slice(body);
@@ -57,6 +66,7 @@ impl StatementRegistry {
             server_name: format!("pgsw_{id}").into_bytes().into_boxed_slice(),
             body: body.clone(),
             validated: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
         });
         map.insert(body, Arc::downgrade(&stmt));
         // Statements no client holds any more are dropped now and then; ids are

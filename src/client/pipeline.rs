@@ -11,11 +11,12 @@
 
 use std::collections::VecDeque;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::protocol::messages::{self, backend};
 use std::sync::Arc;
 
+use crate::protocol::error::ServerErrorFields;
 use crate::statements::{ServerStatements, Statement};
 
 /// What a request's reply ends with.
@@ -52,8 +53,10 @@ impl Reply {
 }
 
 /// A reply the proxy writes itself in place of the server's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Synthetic {
+    /// An ErrorResponse the proxy raises (e.g. 42P05 for a duplicate name).
+    Error(Bytes),
     ParseComplete,
     CloseComplete,
     /// CommandComplete with this tag, then ReadyForQuery.
@@ -63,11 +66,12 @@ pub enum Synthetic {
 }
 
 impl Synthetic {
-    fn encode(self, out: &mut BytesMut, status: u8) {
+    fn encode(&self, out: &mut BytesMut, status: u8) {
         match self {
+            Synthetic::Error(bytes) => out.extend_from_slice(bytes),
             Synthetic::ParseComplete => out.extend_from_slice(messages::PARSE_COMPLETE),
             Synthetic::CloseComplete => out.extend_from_slice(messages::CLOSE_COMPLETE),
-            Synthetic::Command(tag) => {
+            &Synthetic::Command(tag) => {
                 messages::command_complete(out, tag);
                 messages::ready_for_query(out, status);
             }
@@ -76,7 +80,7 @@ impl Synthetic {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Visibility {
     /// The client's request: the reply goes to the client.
     Client,
@@ -94,6 +98,13 @@ pub enum Undo {
     Prepared(Arc<Statement>),
     /// A Close that evicted it: if skipped, the server still has it.
     Closed(u64),
+    /// A Bind or Describe of this statement: if the server says its cached
+    /// plan went stale (the table changed), the next Parse of the text must
+    /// prepare it afresh.
+    Uses(Arc<Statement>),
+    /// A Parse the server judges (in a failed transaction): the client's name
+    /// is registered only if the server accepts it.
+    Register(Bytes, Arc<Statement>),
 }
 
 #[derive(Debug)]
@@ -119,6 +130,11 @@ pub struct Pipeline {
     client_status: u8,
     /// A hidden parameter sync failed; the server's session state is unknown.
     pub hidden_failed: bool,
+    /// The server is in COPY FROM STDIN of an extended-protocol Execute, where
+    /// it ignores Sync and Flush until CopyDone or CopyFail.
+    copy_in: bool,
+    /// Client statement names the server accepted (see [`Undo::Register`]).
+    pub accepted: Vec<(Bytes, Arc<Statement>)>,
 }
 
 impl Default for Pipeline {
@@ -128,6 +144,8 @@ impl Default for Pipeline {
             skipping: false,
             client_status: b'I',
             hidden_failed: false,
+            copy_in: false,
+            accepted: Vec::new(),
         }
     }
 }
@@ -144,6 +162,21 @@ impl Pipeline {
     /// A Sync sent while the server skips: it ends the skip.
     pub fn end_skip(&mut self) {
         self.skipping = false;
+    }
+
+    /// The proxy itself failed a request: like the server after an error, it
+    /// drops the client's requests up to the next Sync.
+    pub fn start_skip(&mut self) {
+        self.skipping = true;
+    }
+
+    pub fn in_copy_in(&self) -> bool {
+        self.copy_in
+    }
+
+    /// CopyDone or CopyFail: the server listens to Sync again.
+    pub fn end_copy_in(&mut self) {
+        self.copy_in = false;
     }
 
     pub fn client_status(&self) -> u8 {
@@ -202,37 +235,57 @@ impl Pipeline {
             out.extend_from_slice(frame);
             return Route::Forward;
         };
-        let route = match head.visibility {
-            Visibility::Client => Route::Forward,
-            // A statement the proxy re-prepares can fail (the table changed):
-            // that error is the answer to the client's Bind.
-            Visibility::Hidden if tag == backend::ERROR_RESPONSE && head.reply == Reply::Parse => {
-                Route::Forward
-            }
-            Visibility::Hidden => Route::Swallow,
-            Visibility::Synthetic(_) => Route::Forward,
+        let reply = head.reply;
+        let from_client = head.visibility == Visibility::Client;
+        // A statement the proxy re-prepares can fail (the table changed): that
+        // error is the answer to the client's Bind. Other hidden replies vanish.
+        let route = if from_client || (tag == backend::ERROR_RESPONSE && reply == Reply::Parse) {
+            Route::Forward
+        } else {
+            Route::Swallow
         };
         if route == Route::Forward {
             out.extend_from_slice(frame);
         }
-        if tag == backend::READY_FOR_QUERY {
-            let status = frame.get(5).copied().unwrap_or(b'I');
-            if head.visibility == Visibility::Client {
-                self.client_status = status;
+        if tag == backend::READY_FOR_QUERY && from_client {
+            self.client_status = frame.get(5).copied().unwrap_or(b'I');
+        }
+        if tag == backend::COPY_IN_RESPONSE && reply == Reply::Execute {
+            // The Syncs the client sent after this Execute reached the server
+            // in copy mode and will never be answered.
+            self.copy_in = true;
+            let mut i = 1;
+            while i < self.queue.len() {
+                if self.queue[i].reply == Reply::Sync
+                    && self.queue[i].visibility == Visibility::Client
+                {
+                    self.queue.remove(i);
+                } else {
+                    i += 1;
+                }
             }
         }
-        if !head.reply.ended_by(tag) {
+        if !reply.ended_by(tag) {
             return route;
         }
         let Some(done) = self.queue.pop_front() else {
             return route;
         };
         match (tag, done.undo) {
+            (backend::ERROR_RESPONSE, Undo::Uses(stmt)) => {
+                if ServerErrorFields::parse(frame.get(5..).unwrap_or_default()).code == STALE_PLAN {
+                    stmt.mark_stale();
+                }
+                self.skip_to_sync(cache);
+            }
             (backend::ERROR_RESPONSE, undone) => {
                 undo(undone, cache);
                 self.skip_to_sync(cache);
             }
             (backend::PARSE_COMPLETE, Undo::Prepared(stmt)) => stmt.mark_validated(),
+            (backend::PARSE_COMPLETE, Undo::Register(name, stmt)) => {
+                self.accepted.push((name, stmt))
+            }
             _ => {}
         }
         self.emit_ready_synthetics(out);
@@ -276,9 +329,12 @@ impl Pipeline {
     }
 }
 
+/// "cached plan must not change result type".
+const STALE_PLAN: &str = "0A000";
+
 fn undo(undo: Undo, cache: &mut ServerStatements) {
     match undo {
-        Undo::None => {}
+        Undo::None | Undo::Uses(_) | Undo::Register(..) => {}
         Undo::Prepared(stmt) => cache.forget(stmt.id),
         Undo::Closed(id) => cache.restore(id),
     }

@@ -201,7 +201,7 @@ impl Session {
             let reply = match h.tag {
                 frontend::PARSE => {
                     let (name, rest) = messages::split_name(body)?;
-                    if name.is_empty() {
+                    if name.is_empty() || self.statements.contains_key(name) {
                         break;
                     }
                     let stmt = self.app.statements.intern(rest);
@@ -393,6 +393,9 @@ impl Session {
         for body in rbuf_reports {
             self.track_parameter(&body);
         }
+        for (name, stmt) in self.pipeline.accepted.drain(..) {
+            self.statements.insert(name, stmt);
+        }
         Ok(())
     }
 
@@ -571,6 +574,14 @@ impl Translator<'_> {
             return Ok(None);
         }
         let body = &frame[5..];
+        if self.pipeline.in_copy_in() {
+            if matches!(tag, frontend::COPY_DONE | frontend::COPY_FAIL) {
+                self.pipeline.end_copy_in();
+            }
+            // Copy data, and Sync/Flush, which the server ignores in copy mode.
+            self.forward(frame, None);
+            return Ok(None);
+        }
         match tag {
             frontend::PARSE => self.parse(frame, body)?,
             frontend::BIND => self.bind(frame, body)?,
@@ -600,7 +611,31 @@ impl Translator<'_> {
             self.forward(frame, Some(Reply::Parse));
             return Ok(());
         }
+        if self.statements.contains_key(name) {
+            let error = PgError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(name)
+                ),
+            );
+            self.pipeline
+                .synthetic(Synthetic::Error(error.to_bytes().freeze()), self.to_client);
+            self.pipeline.start_skip();
+            return Ok(());
+        }
         let stmt = self.app.statements.intern(rest);
+        if self.pipeline.client_status() == b'E' {
+            // In a failed transaction the server decides (25P02 for all but
+            // COMMIT/ROLLBACK): ask it with an unnamed Parse of the same text.
+            messages::parse_renamed(self.to_server, b"", &stmt.body);
+            self.server.tx_status = b'?';
+            self.pipeline.request(
+                Reply::Parse,
+                Undo::Register(Bytes::copy_from_slice(name), stmt),
+            );
+            return Ok(());
+        }
         self.statements
             .insert(Bytes::copy_from_slice(name), stmt.clone());
         if self.server.statements.touch(stmt.id) {
@@ -643,7 +678,7 @@ impl Translator<'_> {
                 self.ensure_prepared(&stmt);
                 messages::bind_renamed(self.to_server, bind.portal, &stmt.server_name, bind.rest);
                 self.server.tx_status = b'?';
-                self.pipeline.request(Reply::Bind, Undo::None);
+                self.pipeline.request(Reply::Bind, Undo::Uses(stmt));
             }
             None => self.forward(frame, Some(Reply::Bind)),
         }
@@ -657,7 +692,7 @@ impl Translator<'_> {
                 self.ensure_prepared(&stmt);
                 messages::describe_statement(self.to_server, &stmt.server_name);
                 self.server.tx_status = b'?';
-                self.pipeline.request(Reply::Describe, Undo::None);
+                self.pipeline.request(Reply::Describe, Undo::Uses(stmt));
             }
             None => self.forward(frame, Some(Reply::Describe)),
         }
@@ -689,7 +724,9 @@ impl Translator<'_> {
     /// and DISCARD ALL between transactions are answered by the proxy.
     fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Option<Reset>, PgError> {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
-        let reset = match statement_command(sql) {
+        // In a failed transaction the server answers (25P02) and nothing changes.
+        let command = statement_command(sql).filter(|_| self.pipeline.client_status() != b'E');
+        let reset = match command {
             Some(Command::DeallocateAll) => {
                 self.pipeline
                     .synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);

@@ -57,6 +57,7 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
     pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
     pub const INTERNAL_ERROR: SqlState = SqlState(*b"XX000");
 }
 

@@ -16,6 +16,7 @@ pub mod backend {
     pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';
     pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const EMPTY_QUERY: u8 = b'I';
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const NO_DATA: u8 = b'n';
