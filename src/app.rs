@@ -13,11 +13,12 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::auth::UserSecrets;
+use crate::auth::query::AuthQuery;
+use crate::auth::{ScramKeys, UserSecrets};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, Side};
 use crate::pool::{Pool, PoolKey, PoolSettings};
-use crate::server::{BackendAddr, Login};
+use crate::server::{BackendAddr, Credentials, Login};
 use crate::statements::StatementRegistry;
 use crate::switch::{Backend, Switch};
 
@@ -38,6 +39,12 @@ pub struct App {
     config: ArcSwap<Config>,
     config_path: PathBuf,
     secrets: ArcSwap<UserSecrets>,
+    /// Looks up users missing from `[[users]]` (when auth_query is enabled).
+    pub auth_query: AuthQuery,
+    /// Per user, the ClientKey of its last successful SCRAM login, for SCRAM
+    /// pass-through to the servers. Only for users whose backend logins need
+    /// it; memory only, never logged (its Debug is redacted).
+    client_keys: std::sync::Mutex<std::collections::HashMap<String, ScramKeys>>,
     pub switch: Switch,
     blue: Arc<Backend>,
     green: Option<Arc<Backend>>,
@@ -82,6 +89,8 @@ impl App {
             config: ArcSwap::from_pointee(config),
             config_path,
             secrets: ArcSwap::from_pointee(secrets),
+            auth_query: AuthQuery::default(),
+            client_keys: Default::default(),
             switch: Switch::new(active),
             blue,
             green,
@@ -128,7 +137,36 @@ impl App {
 
     /// The pool for `key` on `backend`, created on first use.
     pub fn pool_for(&self, backend: &Backend, key: &PoolKey) -> Arc<Pool> {
-        backend.pool(key, || pool_settings(&self.config(), key))
+        let config = self.config();
+        let keys = self.client_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = backend.pool(key, || pool_settings(&config, key, &keys));
+        // A client's new keys (its password changed) reach an existing pool here;
+        // the next server connection it opens logs in with them.
+        let login = backend_login(&config, key, &keys);
+        if pool.settings().login != login {
+            pool.set_login(login);
+        }
+        pool
+    }
+
+    /// Keeps a client's SCRAM keys if its user's backend logins need them
+    /// (SCRAM pass-through): users with only a `scram_secret` and no
+    /// `server_password`, and users found by auth_query.
+    pub fn remember_client_keys(&self, user: &str, keys: ScramKeys) {
+        let config = self.config();
+        let needed = match config.user(user) {
+            Some(u) => u.password.is_none() && u.server_password.is_none(),
+            None => true,
+        };
+        if needed {
+            let mut map = self.client_keys.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded like the auth_query cache: only authenticated users get
+            // here, so this holds at most the users that logged in.
+            if map.len() >= 10_000 && !map.contains_key(user) {
+                map.clear();
+            }
+            map.insert(user.to_owned(), keys);
+        }
     }
 
     /// Re-reads proxy.toml: users, pool sizes and timeouts change in place;
@@ -155,17 +193,59 @@ impl App {
         }
         for backend in self.backends() {
             for pool in backend.pools() {
-                pool.reconfigure(pool_settings(&config, &pool.key));
+                let keys = self.client_keys.lock().unwrap_or_else(|e| e.into_inner());
+                pool.reconfigure(pool_settings(&config, &pool.key, &keys));
             }
         }
         self.secrets.store(Arc::new(secrets));
+        // The auth settings may have changed: look users up afresh.
+        self.auth_query.clear_cache();
         self.config.store(Arc::new(config));
         Ok(())
     }
 }
 
+/// Who pgswitch logs in to the servers as for a client user, and how:
+/// `server_user` (default: the client's user) with `server_password`, else the
+/// user's password, else the client's SCRAM keys (pass-through).
+fn backend_login(
+    config: &Config,
+    key: &PoolKey,
+    client_keys: &std::collections::HashMap<String, ScramKeys>,
+) -> Login {
+    let user = config.user(&key.user);
+    let credentials = match user {
+        Some(u) => match (&u.server_password, &u.password) {
+            (Some(password), _) | (None, Some(password)) => Credentials::Password(password.clone()),
+            (None, None) => client_keys
+                .get(&key.user)
+                .filter(|keys| u.scram.as_ref().is_some_and(|s| *s == keys.secret))
+                .cloned()
+                .map(Credentials::ScramKeys)
+                .unwrap_or_default(),
+        },
+        None if config.auth_query_enabled() => client_keys
+            .get(&key.user)
+            .cloned()
+            .map(Credentials::ScramKeys)
+            .unwrap_or_default(),
+        None => Credentials::None,
+    };
+    Login {
+        user: user
+            .and_then(|u| u.server_user.clone())
+            .unwrap_or_else(|| key.user.clone()),
+        database: key.database.clone(),
+        credentials,
+    }
+}
+
 /// Pool settings for one (database, user) from the configuration.
-fn pool_settings(config: &Config, key: &PoolKey) -> PoolSettings {
+fn pool_settings(
+    config: &Config,
+    key: &PoolKey,
+    client_keys: &std::collections::HashMap<String, ScramKeys>,
+) -> PoolSettings {
     let proxy = &config.proxy;
     let user = config.user(&key.user);
     PoolSettings {
@@ -178,11 +258,7 @@ fn pool_settings(config: &Config, key: &PoolKey) -> PoolSettings {
         lifetime: proxy.server_lifetime,
         connect_timeout: proxy.server_connect_timeout,
         statements_per_server: proxy.prepared_statements_per_server,
-        login: Login {
-            user: key.user.clone(),
-            database: key.database.clone(),
-            password: user.and_then(|u| u.password.clone()),
-        },
+        login: backend_login(config, key, client_keys),
     }
 }
 

@@ -6,9 +6,26 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::auth::scram::ScramSecret;
+
+/// PgBouncer's and pgswitch's default `auth_query`.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
+/// A secret string from the config: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,6 +82,20 @@ pub struct ProxyConfig {
     pub prepared_statements_per_server: usize,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Looks up users missing from `[[users]]` on the active backend; enabled
+    /// by `auth_user`. Defaults to [`DEFAULT_AUTH_QUERY`].
+    pub auth_query: Option<String>,
+    /// The role pgswitch logs in as to run `auth_query`.
+    pub auth_user: Option<String>,
+    /// `auth_user`'s password; after load it also holds the value of
+    /// `auth_password_env`.
+    pub auth_password: Option<Secret>,
+    pub auth_password_env: Option<String>,
+    /// The database the auth_query connection logs in to.
+    pub auth_dbname: String,
+    /// How long an auth_query answer (found or not) is reused.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -85,6 +116,12 @@ impl Default for ProxyConfig {
             prepared_statements_per_server: 500,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            auth_query: None,
+            auth_user: None,
+            auth_password: None,
+            auth_password_env: None,
+            auth_dbname: "postgres".into(),
+            auth_cache_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -187,23 +224,108 @@ impl Default for CutoverConfig {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
-    /// Used by clients to log in to pgswitch and by pgswitch to log in to the backends.
+    /// Used by clients to log in to pgswitch and by pgswitch to log in to the
+    /// backends. After load it holds the password from whichever source was
+    /// configured (`password`, `password_env` or `password_file`).
     pub password: Option<String>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// A file holding the password (one trailing newline is ignored); relative
+    /// paths are relative to the config file.
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL's stored form `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`;
+    /// parsed into [`UserConfig::scram`] at load.
+    pub scram_secret: Option<String>,
+    /// The role pgswitch logs in to the backends as (default: `name`).
+    pub server_user: Option<String>,
+    /// The password for backend logins (default: the client's credentials).
+    /// After load it also holds the value of `server_password_env`.
+    pub server_password: Option<String>,
+    pub server_password_env: Option<String>,
     /// Overrides `[proxy] pool_mode` for this user.
     pub pool_mode: Option<PoolMode>,
     /// Overrides `[proxy] default_pool_size` for this user.
     pub pool_size: Option<usize>,
+    /// `scram_secret`, parsed.
+    #[serde(skip)]
+    pub scram: Option<Arc<ScramSecret>>,
 }
 
 impl fmt::Debug for UserConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print secrets, not even in debug logs.
+        let redacted = |set: bool| set.then_some("<redacted>");
         f.debug_struct("UserConfig")
             .field("name", &self.name)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password", &redacted(self.password.is_some()))
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .field("scram_secret", &redacted(self.scram_secret.is_some()))
+            .field("server_user", &self.server_user)
+            .field("server_password", &redacted(self.server_password.is_some()))
+            .field("server_password_env", &self.server_password_env)
             .field("pool_mode", &self.pool_mode)
             .field("pool_size", &self.pool_size)
             .finish()
+    }
+}
+
+/// Reads `*_env` values.
+fn read_env(key: &str, var: &str) -> Result<String, (String, String)> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        Ok(_) => Err((key.to_owned(), format!("environment variable {var} is empty"))),
+        Err(std::env::VarError::NotPresent) => Err((
+            key.to_owned(),
+            format!("environment variable {var} is not set"),
+        )),
+        Err(std::env::VarError::NotUnicode(_)) => Err((
+            key.to_owned(),
+            format!("environment variable {var} is not valid UTF-8"),
+        )),
+    }
+}
+
+/// Reads `password_file`: one trailing newline is dropped.
+fn read_password_file(
+    key: &str,
+    file: &Path,
+    config_path: &Path,
+) -> Result<String, (String, String)> {
+    let full = match config_path.parent() {
+        Some(dir) if file.is_relative() => dir.join(file),
+        _ => file.to_owned(),
+    };
+    let text = std::fs::read_to_string(&full)
+        .map_err(|e| (key.to_owned(), format!("cannot read {}: {e}", full.display())))?;
+    let value = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if value.is_empty() {
+        return Err((key.to_owned(), format!("{} is empty", full.display())));
+    }
+    Ok(value.to_owned())
+}
+
+/// Which of `sources` (key name, is set) is set; an error names the second
+/// one if more than one is.
+fn at_most_one(prefix: &str, sources: &[(&str, bool)]) -> Result<Option<usize>, (String, String)> {
+    let set: Vec<usize> = (0..sources.len()).filter(|&i| sources[i].1).collect();
+    match set.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        [first, second, ..] => {
+            let names: Vec<&str> = sources.iter().map(|s| s.0).collect();
+            Err((
+                format!("{prefix}{}", sources[*second].0),
+                format!(
+                    "conflicts with {prefix}{}: set only one of {}",
+                    sources[*first].0,
+                    names.join(", ")
+                ),
+            ))
+        }
     }
 }
 
@@ -221,8 +343,91 @@ impl Config {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
+        let mut config = config;
+        config
+            .resolve_secrets(path)
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Reads secrets from their sources (environment, files) and parses SCRAM
+    /// secrets, so a bad source fails the load (or the reload) naming its key.
+    fn resolve_secrets(&mut self, path: &Path) -> Result<(), (String, String)> {
+        let p = &mut self.proxy;
+        let source = at_most_one(
+            "proxy.",
+            &[
+                ("auth_password", p.auth_password.is_some()),
+                ("auth_password_env", p.auth_password_env.is_some()),
+            ],
+        )?;
+        if let (Some(1), Some(var)) = (source, &p.auth_password_env) {
+            p.auth_password = Some(Secret(read_env("proxy.auth_password_env", var)?));
+        }
+        for (i, user) in self.users.iter_mut().enumerate() {
+            let prefix = format!("users[{i}].");
+            let source = at_most_one(
+                &prefix,
+                &[
+                    ("password", user.password.is_some()),
+                    ("password_env", user.password_env.is_some()),
+                    ("password_file", user.password_file.is_some()),
+                    ("scram_secret", user.scram_secret.is_some()),
+                ],
+            )?;
+            match source {
+                Some(1) => {
+                    if let Some(var) = &user.password_env {
+                        user.password = Some(read_env(&format!("{prefix}password_env"), var)?);
+                    }
+                }
+                Some(2) => {
+                    if let Some(file) = &user.password_file {
+                        user.password = Some(read_password_file(
+                            &format!("{prefix}password_file"),
+                            file,
+                            path,
+                        )?);
+                    }
+                }
+                Some(3) => {
+                    if let Some(text) = &user.scram_secret {
+                        // The error says what is wrong, never the secret itself.
+                        let secret = ScramSecret::parse(text.trim())
+                            .map_err(|e| (format!("{prefix}scram_secret"), e.to_string()))?;
+                        user.scram = Some(Arc::new(secret));
+                    }
+                }
+                _ => {}
+            }
+            let server_source = at_most_one(
+                &prefix,
+                &[
+                    ("server_password", user.server_password.is_some()),
+                    ("server_password_env", user.server_password_env.is_some()),
+                ],
+            )?;
+            if let (Some(1), Some(var)) = (server_source, &user.server_password_env) {
+                user.server_password =
+                    Some(read_env(&format!("{prefix}server_password_env"), var)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether users missing from `[[users]]` are looked up with auth_query.
+    pub fn auth_query_enabled(&self) -> bool {
+        self.proxy.auth_user.is_some()
+    }
+
+    /// The auth_query in effect.
+    pub fn auth_query(&self) -> &str {
+        self.proxy.auth_query.as_deref().unwrap_or(DEFAULT_AUTH_QUERY)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -271,12 +476,47 @@ impl Config {
             if user.pool_size == Some(0) {
                 return Err(invalid(&format!("{key}.pool_size"), "must be at least 1"));
             }
-            if user.password.is_none() && p.auth_method != AuthMethod::Trust {
+            if user.password.is_none() && user.scram.is_none() && p.auth_method != AuthMethod::Trust {
                 return Err(invalid(
                     &format!("{key}.password"),
-                    "is required unless auth_method = \"trust\"",
+                    "is required (or password_env, password_file, scram_secret) unless auth_method = \"trust\"",
                 ));
             }
+            if user.password.is_none() && user.scram.is_some() && p.auth_method == AuthMethod::Md5 {
+                return Err(invalid(
+                    &format!("{key}.scram_secret"),
+                    &format!(
+                        "user {:?} has only a SCRAM secret, which cannot check md5 logins \
+                         (auth_method = \"md5\"); configure a password for this user or use scram-sha-256",
+                        user.name
+                    ),
+                ));
+            }
+            if user.server_user.as_deref() == Some("") {
+                return Err(invalid(&format!("{key}.server_user"), "must not be empty"));
+            }
+        }
+        if p.auth_query.is_some() && p.auth_user.is_none() {
+            return Err(invalid(
+                "proxy.auth_user",
+                "is required when auth_query is set (auth_query runs as this role)",
+            ));
+        }
+        if p.auth_user.as_deref() == Some("") {
+            return Err(invalid("proxy.auth_user", "must not be empty"));
+        }
+        if p.auth_user.is_some() && p.auth_method != AuthMethod::ScramSha256 {
+            return Err(invalid(
+                "proxy.auth_user",
+                "auth_query needs auth_method = \"scram-sha-256\" (it looks up SCRAM secrets, \
+                 and pgswitch logs in to the server by SCRAM pass-through)",
+            ));
+        }
+        if p.auth_query.as_deref().is_some_and(|q| !q.contains("$1")) {
+            return Err(invalid(
+                "proxy.auth_query",
+                "must take the user name as parameter $1",
+            ));
         }
         Ok(())
     }

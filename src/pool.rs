@@ -248,6 +248,16 @@ impl Pool {
         }
     }
 
+    /// Changes who new server connections log in as (e.g. a client's new
+    /// SCRAM keys); open connections stay.
+    pub fn set_login(&self, login: Login) {
+        self.settings.rcu(|current| {
+            let mut settings = PoolSettings::clone(current);
+            settings.login = login.clone();
+            settings
+        });
+    }
+
     /// Applies new settings from a reload; the pool's size changes by adding or
     /// retiring permits, never by closing a busy connection.
     pub fn reconfigure(self: &Arc<Self>, settings: PoolSettings) {

@@ -13,6 +13,8 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::auth::scram_client::{ScramClient, ScramClientError};
+use crate::auth::ScramKeys;
 use crate::protocol::error::{sqlstate, ServerErrorFields, SqlState};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::messages::{self, backend};
@@ -34,11 +36,40 @@ impl std::fmt::Display for BackendAddr {
 }
 
 /// Who pgswitch logs in as.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Login {
     pub user: String,
     pub database: String,
-    pub password: Option<String>,
+    pub credentials: Credentials,
+}
+
+/// How pgswitch proves itself to a server.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum Credentials {
+    /// Only servers that ask for nothing (trust) accept the login.
+    #[default]
+    None,
+    /// Answers SCRAM, md5 and cleartext password requests.
+    Password(String),
+    /// SCRAM pass-through: a client's ClientKey and the secret it matched.
+    /// Works with servers that store the same secret and ask for SCRAM.
+    ScramKeys(ScramKeys),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::Password(_) => f.write_str("Password(<redacted>)"),
+            Credentials::ScramKeys(keys) => f.debug_tuple("ScramKeys").field(keys).finish(),
+        }
+    }
+}
+
+/// The SCRAM client of one login, by kind of credentials.
+enum ScramLogin {
+    Password(ScramSha256),
+    Keys(ScramClient),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +85,22 @@ pub enum ServerError {
     },
     #[error("server {addr} asked for a password, but none is configured for user {user:?}")]
     NoPassword { addr: String, user: String },
+    #[error(
+        "server {addr} asked user {user:?} for {method}, but pgswitch only holds the client's \
+         SCRAM keys for this user (SCRAM pass-through needs a server asking for scram-sha-256); \
+         configure server_password"
+    )]
+    PassThroughNeedsScram {
+        addr: String,
+        user: String,
+        method: &'static str,
+    },
+    #[error("SCRAM pass-through login of {user:?} to {addr}: {source}")]
+    PassThrough {
+        addr: String,
+        user: String,
+        source: ScramClientError,
+    },
     #[error("server {addr} asked for unsupported authentication (code {code})")]
     UnsupportedAuth { addr: String, code: i32 },
     #[error("server {addr} broke the protocol: {message}")]
@@ -70,6 +117,10 @@ impl ServerError {
             // connections...) is what the client would have got connecting directly.
             ServerError::Refused { fields, .. } => {
                 PgError::fatal(SqlState::parse(&fields.code), fields.message.clone())
+            }
+            // The server would refuse the proof: report it like its refusal would be.
+            ServerError::PassThrough { .. } => {
+                PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgswitch: {self}"))
             }
             other => PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("pgswitch: {other}")),
         }
@@ -146,7 +197,7 @@ impl ServerConn {
             &[("user", &login.user), ("database", &login.database)],
         );
         self.stream.write_all(&out).await?;
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<ScramLogin> = None;
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
@@ -181,27 +232,35 @@ impl ServerConn {
         &mut self,
         login: &Login,
         body: &[u8],
-        scram: &mut Option<ScramSha256>,
+        scram: &mut Option<ScramLogin>,
     ) -> Result<(), ServerError> {
         if body.len() < 4 {
             return Err(self.protocol_error("short authentication message".into()));
         }
         let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
         let data = &body[4..];
-        let password = || {
-            login
-                .password
-                .as_deref()
-                .ok_or_else(|| ServerError::NoPassword {
-                    addr: self.addr.to_string(),
-                    user: login.user.clone(),
-                })
+        let password = |method: &'static str| match &login.credentials {
+            Credentials::Password(password) => Ok(password.as_str()),
+            Credentials::None => Err(ServerError::NoPassword {
+                addr: self.addr.to_string(),
+                user: login.user.clone(),
+            }),
+            Credentials::ScramKeys(_) => Err(ServerError::PassThroughNeedsScram {
+                addr: self.addr.to_string(),
+                user: login.user.clone(),
+                method,
+            }),
+        };
+        let pass_through_error = |source| ServerError::PassThrough {
+            addr: self.addr.to_string(),
+            user: login.user.clone(),
+            source,
         };
         let mut out = BytesMut::new();
         match code {
             messages::AUTH_OK => return Ok(()),
             messages::AUTH_CLEARTEXT => {
-                let mut pw = password()?.as_bytes().to_vec();
+                let mut pw = password("a cleartext password")?.as_bytes().to_vec();
                 pw.push(0);
                 messages::password(&mut out, &pw);
             }
@@ -211,7 +270,7 @@ impl ServerConn {
                     .map_err(|_| self.protocol_error("bad md5 salt".into()))?;
                 let hash = postgres_protocol::authentication::md5_hash(
                     login.user.as_bytes(),
-                    password()?.as_bytes(),
+                    password("md5")?.as_bytes(),
                     salt,
                 );
                 let mut pw = hash.into_bytes();
@@ -228,29 +287,55 @@ impl ServerConn {
                         code,
                     });
                 }
-                let client =
-                    ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                messages::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
+                let client = match &login.credentials {
+                    Credentials::ScramKeys(keys) => {
+                        let mut client = ScramClient::new(keys.clone());
+                        let first = client.client_first();
+                        messages::sasl_initial_response(&mut out, SCRAM_SHA_256, &first);
+                        ScramLogin::Keys(client)
+                    }
+                    _ => {
+                        let client = ScramSha256::new(
+                            password("scram-sha-256")?.as_bytes(),
+                            ChannelBinding::unsupported(),
+                        );
+                        messages::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
+                        ScramLogin::Password(client)
+                    }
+                };
                 *scram = Some(client);
             }
             messages::AUTH_SASL_CONTINUE => {
                 let client = scram.as_mut().ok_or_else(|| {
                     self.protocol_error("SASL continue without SASL start".into())
                 })?;
-                client
-                    .update(data)
-                    .map_err(|e| self.protocol_error(format!("SCRAM: {e}")))?;
-                messages::password(&mut out, client.message());
+                match client {
+                    ScramLogin::Password(client) => {
+                        client
+                            .update(data)
+                            .map_err(|e| self.protocol_error(format!("SCRAM: {e}")))?;
+                        messages::password(&mut out, client.message());
+                    }
+                    ScramLogin::Keys(client) => {
+                        let response = client.server_first(data).map_err(pass_through_error)?;
+                        messages::password(&mut out, &response);
+                    }
+                }
             }
             messages::AUTH_SASL_FINAL => {
-                let mut client = scram
+                let client = scram
                     .take()
                     .ok_or_else(|| self.protocol_error("SASL final without SASL start".into()))?;
                 // Verifies the server's signature: a server that can't prove it knows
                 // the password is not the server we meant to reach.
-                client
-                    .finish(data)
-                    .map_err(|e| self.protocol_error(format!("SCRAM server signature: {e}")))?;
+                match client {
+                    ScramLogin::Password(mut client) => client.finish(data).map_err(|e| {
+                        self.protocol_error(format!("SCRAM server signature: {e}"))
+                    })?,
+                    ScramLogin::Keys(mut client) => {
+                        client.server_final(data).map_err(pass_through_error)?
+                    }
+                }
                 return Ok(());
             }
             code => {

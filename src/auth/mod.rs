@@ -3,7 +3,9 @@
 //! involved.
 
 pub mod md5;
+pub mod query;
 pub mod scram;
+pub mod scram_client;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use crate::protocol::framing::read_cbytes;
 use crate::protocol::messages::{self, frontend};
 use crate::protocol::PgError;
 use scram::{ScramExchange, ScramSecret};
+pub use scram_client::{ClientKey, ScramKeys};
 
 /// Secrets derived from the configured passwords, computed once per load
 /// (PBKDF2 is deliberately slow and must not run per login).
@@ -43,6 +46,8 @@ impl UserSecrets {
                     user.name.clone(),
                     md5::md5_password_hash(&user.name, password),
                 );
+            } else if let Some(secret) = &user.scram {
+                scram.insert(user.name.clone(), secret.clone());
             }
         }
         UserSecrets {
@@ -50,6 +55,11 @@ impl UserSecrets {
             md5,
             mock_key: rand::random(),
         }
+    }
+
+    /// Whether `[[users]]` lists `user` with a secret.
+    pub fn contains(&self, user: &str) -> bool {
+        self.scram.contains_key(user) || self.md5.contains_key(user)
     }
 }
 
@@ -62,32 +72,41 @@ fn auth_failed(user: &str) -> PgError {
 
 /// Runs the configured authentication exchange. On success the client has
 /// been sent AuthenticationOk.
+///
+/// `looked_up` is the secret auth_query found for a user `secrets` does not
+/// list. A successful SCRAM exchange returns the client's ClientKey with the
+/// secret it matched, for SCRAM pass-through to the servers.
 pub async fn authenticate(
     conn: &mut ClientConn,
     method: AuthMethod,
     user: &str,
     secrets: &UserSecrets,
-) -> Result<(), ClientError> {
-    match method {
-        AuthMethod::Trust => {}
-        AuthMethod::ScramSha256 => scram_exchange(conn, user, secrets).await?,
-        AuthMethod::Md5 => md5_exchange(conn, user, secrets).await?,
-    }
+    looked_up: Option<Arc<ScramSecret>>,
+) -> Result<Option<ScramKeys>, ClientError> {
+    let keys = match method {
+        AuthMethod::Trust => None,
+        AuthMethod::ScramSha256 => Some(scram_exchange(conn, user, secrets, looked_up).await?),
+        AuthMethod::Md5 => {
+            md5_exchange(conn, user, secrets).await?;
+            None
+        }
+    };
     let mut out = BytesMut::new();
     messages::authentication(&mut out, messages::AUTH_OK, &[]);
     conn.stream.write_all(&out).await?;
-    Ok(())
+    Ok(keys)
 }
 
 async fn scram_exchange(
     conn: &mut ClientConn,
     user: &str,
     secrets: &UserSecrets,
-) -> Result<(), ClientError> {
+    looked_up: Option<Arc<ScramSecret>>,
+) -> Result<ScramKeys, ClientError> {
     // Unknown users run the same exchange against a mock secret and fail at the
     // same step with the same message, so a login attempt can't probe user names.
-    let (secret, mock) = match secrets.scram.get(user) {
-        Some(secret) => (secret.clone(), false),
+    let (secret, mock) = match secrets.scram.get(user).cloned().or(looked_up) {
+        Some(secret) => (secret, false),
         None => (Arc::new(ScramSecret::mock(user, &secrets.mock_key)), true),
     };
     let mut exchange = ScramExchange::new(&secret, mock);
@@ -111,7 +130,14 @@ async fn scram_exchange(
     out.clear();
     messages::authentication(&mut out, messages::AUTH_SASL_FINAL, &server_final);
     conn.stream.write_all(&out).await?;
-    Ok(())
+    // client_final succeeded, so the exchange holds the key; a mock never gets here.
+    let client_key = exchange
+        .client_key()
+        .ok_or_else(|| ClientError::Pg(auth_failed(user)))?;
+    Ok(ScramKeys {
+        client_key: ClientKey(client_key),
+        secret,
+    })
 }
 
 fn scram_error(e: scram::ScramError, user: &str) -> ClientError {

@@ -143,6 +143,13 @@ impl ScramSecret {
         }
     }
 
+    /// The ClientKey a client with `password` proves against this secret.
+    /// Runs PBKDF2: not for the async executor (tests and tools only).
+    pub fn client_key_for_password(&self, password: &str) -> [u8; 32] {
+        let salted_password = hi(password.as_bytes(), &self.salt, self.iterations);
+        hmac_sha256(&salted_password, &[b"Client Key"])
+    }
+
     /// Parses PostgreSQL's stored form
     /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
     pub fn parse(s: &str) -> Result<ScramSecret, ScramError> {
@@ -535,7 +542,7 @@ fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
 }
 
 /// HMAC-SHA-256 over the concatenation of `parts`.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut mac = hmac_keyed(key);
     for part in parts {
         mac.update(part);
@@ -559,7 +566,7 @@ fn hmac_keyed(key: &[u8]) -> Hmac<Sha256> {
     <Hmac<Sha256> as KeyInit>::new(&block.into())
 }
 
-fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+pub(crate) fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     std::array::from_fn(|i| a[i] ^ b[i])
 }
 

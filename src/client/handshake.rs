@@ -122,7 +122,28 @@ async fn login(
         .unwrap_or_else(|| user.clone());
     let raw_params = ParamSet::from_startup(&params)?;
 
-    crate::auth::authenticate(conn, config.proxy.auth_method, &user, &app.secrets()).await?;
+    let secrets = app.secrets();
+    // Users missing from [[users]] are looked up on the active backend. An
+    // unknown user is looked up too (and cached as unknown), so a found and a
+    // missing user take the same path.
+    let looked_up = if config.auth_query_enabled() && !secrets.contains(&user) {
+        let addr = app.switch.active().addr.clone();
+        app.auth_query
+            .lookup(&addr, &config, &user)
+            .await
+            .map_err(|e| {
+                tracing::warn!(client = id, error = %e, "auth_query lookup failed");
+                e.to_client_error()
+            })?
+    } else {
+        None
+    };
+    let keys =
+        crate::auth::authenticate(conn, config.proxy.auth_method, &user, &secrets, looked_up)
+            .await?;
+    if let Some(keys) = keys {
+        app.remember_client_keys(&user, keys);
+    }
 
     // New sessions wait at the gate during a cutover, like new transactions.
     app.switch.gate.pass().await;
