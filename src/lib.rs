@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod pool;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod session_params;
 pub mod statements;

@@ -1,0 +1,184 @@
+//! Fencing the old side (cutover step 7).
+//!
+//! # Method
+//!
+//! `ALTER ROLE r SET default_transaction_read_only = on` for every
+//! application role, then `pg_terminate_backend` on the roles' existing
+//! sessions (settings of a role apply when a session starts).
+//!
+//! Why this and not the alternatives:
+//! * It refuses writes only: every new session of the role starts read-only
+//!   and a write fails with SQLSTATE 25006 (`cannot execute INSERT in a
+//!   read-only transaction`), `nextval` included, while reads keep working.
+//! * Replication still applies: the reverse subscription's apply worker runs
+//!   as the subscription's owner (the admin role, never fenced), and it
+//!   writes through the executor's replication path, not as the fenced role.
+//! * It is undone exactly: the role-wide setting each role had before is
+//!   recorded in the [`Fence`] (serialisable, for the state file) and put
+//!   back by [`unfence`]. REVOKE would have to snapshot and restore every
+//!   table's ACL and would not stop table owners; `NOLOGIN` also stops reads.
+//!
+//! Limits (documented rather than hidden): a session can still opt out with
+//! `SET default_transaction_read_only = off` or `BEGIN READ WRITE`: this is
+//! a fence against applications that keep writing to the old side by
+//! mistake (a stale connection string, a cron job), not against a hostile
+//! client. The setting is role-wide, so it covers every database of the
+//! server; a role with its own `ALTER ROLE .. IN DATABASE .. SET
+//! default_transaction_read_only` would override it, so [`fence`] refuses
+//! such roles instead of fencing them ineffectively. Terminating sessions
+//! includes pgswitch's own idle pooled connections to the old side: they are
+//! done with (the cutover fences after draining); on an abort the pools must
+//! discard them.
+
+use tokio_postgres::Client;
+
+use super::{ident, literal, ReplicationError, Step};
+
+/// A role's setting before the fence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoleFence {
+    pub role: String,
+    /// The role-wide `default_transaction_read_only` value it had, if any.
+    pub previous: Option<String>,
+}
+
+/// What [`fence`] changed, so that [`unfence`] can put it back exactly.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fence {
+    pub roles: Vec<RoleFence>,
+    /// Server time when the fence was set (sessions started since are
+    /// read-only too and are ended by [`unfence`]).
+    pub fenced_at: String,
+    /// Sessions of the roles that were terminated.
+    pub terminated: i64,
+}
+
+const SETTING: &str = "default_transaction_read_only";
+
+/// Makes the server refuse writes from `roles` (see the module docs for the
+/// method and its limits), ending their open sessions; returns what to undo.
+pub async fn fence(conn: &Client, roles: &[String]) -> Result<Fence, ReplicationError> {
+    if roles.is_empty() {
+        return Ok(Fence {
+            roles: Vec::new(),
+            fenced_at: "infinity".into(),
+            terminated: 0,
+        });
+    }
+    let step = "read the roles' settings before fencing";
+    let rows = conn
+        .query(
+            "SELECT r.rolname::text, \
+                    (SELECT substr(x, length($2) + 2) \
+                       FROM pg_catalog.pg_db_role_setting d, unnest(d.setconfig) x \
+                      WHERE d.setrole = r.oid AND d.setdatabase = 0 \
+                        AND x LIKE $2 || '=%' LIMIT 1), \
+                    (SELECT string_agg(db.datname::text, ', ') \
+                       FROM pg_catalog.pg_db_role_setting d \
+                       JOIN pg_catalog.pg_database db ON db.oid = d.setdatabase, \
+                            unnest(d.setconfig) x \
+                      WHERE d.setrole = r.oid AND x LIKE $2 || '=%'), \
+                    r.rolname = session_user, now()::text \
+               FROM pg_catalog.pg_roles r WHERE r.rolname = ANY($1)",
+            &[&roles, &SETTING],
+        )
+        .await
+        .step(step)?;
+    let mut fenced = Vec::with_capacity(roles.len());
+    // Taken before the ALTER ROLE commits: every session that starts
+    // read-only starts after it (some just before are ended anyway below).
+    let mut fenced_at = String::new();
+    for role in roles {
+        let row = rows
+            .iter()
+            .find(|r| r.try_get::<_, String>(0).ok().as_deref() == Some(role.as_str()))
+            .ok_or_else(|| ReplicationError::NotFound {
+                what: "role",
+                name: role.clone(),
+            })?;
+        let previous: Option<String> = row.try_get(1).step(step)?;
+        let per_db: Option<String> = row.try_get(2).step(step)?;
+        let is_admin: bool = row.try_get(3).step(step)?;
+        fenced_at = row.try_get(4).step(step)?;
+        if let Some(dbs) = per_db {
+            return Err(ReplicationError::InvalidState(format!(
+                "role {role:?} has its own {SETTING} in database(s) {dbs}, which would override \
+                 the fence; remove it (ALTER ROLE .. IN DATABASE .. RESET {SETTING})"
+            )));
+        }
+        if is_admin {
+            return Err(ReplicationError::InvalidState(format!(
+                "refusing to fence role {role:?}: it is the admin role of this connection"
+            )));
+        }
+        fenced.push(RoleFence {
+            role: role.clone(),
+            previous,
+        });
+    }
+
+    let mut sql = String::from("BEGIN;");
+    for r in &fenced {
+        sql.push_str(&format!(
+            " ALTER ROLE {} SET {SETTING} = on;",
+            ident(&r.role)
+        ));
+    }
+    sql.push_str(" COMMIT;");
+    conn.batch_execute(&sql)
+        .await
+        .step("fence: ALTER ROLE .. SET default_transaction_read_only = on")?;
+
+    let step = "fence: terminate the roles' sessions";
+    let row = conn
+        .query_one(
+            "SELECT count(pg_catalog.pg_terminate_backend(pid)) \
+               FROM pg_catalog.pg_stat_activity \
+              WHERE usename = ANY($1) AND pid <> pg_catalog.pg_backend_pid() \
+                AND backend_type = 'client backend'",
+            &[&roles],
+        )
+        .await
+        .step(step)?;
+    Ok(Fence {
+        roles: fenced,
+        fenced_at,
+        terminated: row.try_get(0).step(step)?,
+    })
+}
+
+/// Undoes [`fence`] exactly: each role gets back the role-wide setting it
+/// had (or none), and sessions of the roles that started while fenced (hence
+/// read-only) are ended so that none stays read-only. Returns how many
+/// sessions were ended.
+pub async fn unfence(conn: &Client, fence: &Fence) -> Result<i64, ReplicationError> {
+    let mut sql = String::from("BEGIN;");
+    for r in &fence.roles {
+        match &r.previous {
+            None => sql.push_str(&format!(" ALTER ROLE {} RESET {SETTING};", ident(&r.role))),
+            Some(v) => sql.push_str(&format!(
+                " ALTER ROLE {} SET {SETTING} = {};",
+                ident(&r.role),
+                literal(v)
+            )),
+        }
+    }
+    sql.push_str(" COMMIT;");
+    conn.batch_execute(&sql)
+        .await
+        .step("unfence: restore default_transaction_read_only")?;
+
+    let roles: Vec<&str> = fence.roles.iter().map(|r| r.role.as_str()).collect();
+    let step = "unfence: end sessions started while fenced";
+    let row = conn
+        .query_one(
+            "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity \
+              WHERE usename = ANY($1) AND pid <> pg_catalog.pg_backend_pid() \
+                AND backend_type = 'client backend' \
+                AND backend_start >= $2::text::timestamptz",
+            &[&roles, &fence.fenced_at],
+        )
+        .await
+        .step(step)?;
+    row.try_get(0).step(step)
+}
