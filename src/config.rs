@@ -274,7 +274,10 @@ impl fmt::Debug for UserConfig {
 fn read_env(key: &str, var: &str) -> Result<String, (String, String)> {
     match std::env::var(var) {
         Ok(value) if !value.is_empty() => Ok(value),
-        Ok(_) => Err((key.to_owned(), format!("environment variable {var} is empty"))),
+        Ok(_) => Err((
+            key.to_owned(),
+            format!("environment variable {var} is empty"),
+        )),
         Err(std::env::VarError::NotPresent) => Err((
             key.to_owned(),
             format!("environment variable {var} is not set"),
@@ -296,8 +299,12 @@ fn read_password_file(
         Some(dir) if file.is_relative() => dir.join(file),
         _ => file.to_owned(),
     };
-    let text = std::fs::read_to_string(&full)
-        .map_err(|e| (key.to_owned(), format!("cannot read {}: {e}", full.display())))?;
+    let text = std::fs::read_to_string(&full).map_err(|e| {
+        (
+            key.to_owned(),
+            format!("cannot read {}: {e}", full.display()),
+        )
+    })?;
     let value = text
         .strip_suffix('\n')
         .map(|t| t.strip_suffix('\r').unwrap_or(t))
@@ -427,7 +434,10 @@ impl Config {
 
     /// The auth_query in effect.
     pub fn auth_query(&self) -> &str {
-        self.proxy.auth_query.as_deref().unwrap_or(DEFAULT_AUTH_QUERY)
+        self.proxy
+            .auth_query
+            .as_deref()
+            .unwrap_or(DEFAULT_AUTH_QUERY)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -476,7 +486,8 @@ impl Config {
             if user.pool_size == Some(0) {
                 return Err(invalid(&format!("{key}.pool_size"), "must be at least 1"));
             }
-            if user.password.is_none() && user.scram.is_none() && p.auth_method != AuthMethod::Trust {
+            if user.password.is_none() && user.scram.is_none() && p.auth_method != AuthMethod::Trust
+            {
                 return Err(invalid(
                     &format!("{key}.password"),
                     "is required (or password_env, password_file, scram_secret) unless auth_method = \"trust\"",
@@ -585,5 +596,107 @@ mod tests {
         ))
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    fn user(lines: &str) -> String {
+        format!("{MINIMAL}\n[[users]]\nname = \"app\"\n{lines}\n")
+    }
+
+    #[test]
+    fn password_env_and_file_are_resolved() {
+        std::env::set_var("PGSWITCH_UNIT_PW_1", "from-env");
+        let c = parse(&user("password_env = \"PGSWITCH_UNIT_PW_1\"")).unwrap();
+        assert_eq!(c.users[0].password.as_deref(), Some("from-env"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "from-file\r\n").unwrap();
+        let c = Config::parse(
+            &user("password_file = \"pw\""),
+            &dir.path().join("proxy.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.users[0].password.as_deref(), Some("from-file"));
+        assert!(!format!("{c:?}").contains("from-file"));
+    }
+
+    #[test]
+    fn secret_sources_are_exclusive_and_named() {
+        let secret = ScramSecret::from_password("x").to_string();
+        let err = parse(&user(&format!(
+            "password = \"p\"\nscram_secret = \"{secret}\""
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("users[0].scram_secret: conflicts with users[0].password"),
+            "{err}"
+        );
+        assert!(!err.contains(&secret));
+        let err = parse(&user("password_env = \"PGSWITCH_UNIT_SURELY_UNSET\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "users[0].password_env: environment variable PGSWITCH_UNIT_SURELY_UNSET is not set"
+            ),
+            "{err}"
+        );
+        let err = parse(&user(
+            "server_password = \"a\"\nserver_password_env = \"B\"\npassword = \"p\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("users[0].server_password_env: conflicts"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn scram_secret_users_and_md5() {
+        let secret = ScramSecret::from_password("x");
+        let c = parse(&user(&format!("scram_secret = \"{secret}\""))).unwrap();
+        assert_eq!(c.users[0].scram.as_deref(), Some(&secret));
+        assert!(!format!("{c:?}").contains(&secret.to_string()));
+        let err = parse(
+            &user(&format!("scram_secret = \"{secret}\""))
+                .replace("[proxy]", "[proxy]\nauth_method = \"md5\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("users[0].scram_secret: user \"app\" has only a SCRAM secret"),
+            "{err}"
+        );
+        let err = parse(&user("scram_secret = \"SCRAM-SHA-256$1:x$y:z\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("users[0].scram_secret: invalid SCRAM secret"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn auth_query_keys() {
+        let c = parse(&MINIMAL.replace(
+            "[proxy]",
+            "[proxy]\nauth_user = \"a\"\nauth_password = \"s3cret\"",
+        ))
+        .unwrap();
+        assert!(c.auth_query_enabled());
+        assert_eq!(c.auth_query(), DEFAULT_AUTH_QUERY);
+        assert_eq!(c.proxy.auth_cache_ttl, Duration::from_secs(60));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let err = parse(&MINIMAL.replace("[proxy]", "[proxy]\nauth_query = \"SELECT 1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.auth_user"), "{err}");
+        let err = parse(&MINIMAL.replace(
+            "[proxy]",
+            "[proxy]\nauth_user = \"a\"\nauth_method = \"md5\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.auth_user"), "{err}");
     }
 }

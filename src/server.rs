@@ -329,9 +329,9 @@ impl ServerConn {
                 // Verifies the server's signature: a server that can't prove it knows
                 // the password is not the server we meant to reach.
                 match client {
-                    ScramLogin::Password(mut client) => client.finish(data).map_err(|e| {
-                        self.protocol_error(format!("SCRAM server signature: {e}"))
-                    })?,
+                    ScramLogin::Password(mut client) => client
+                        .finish(data)
+                        .map_err(|e| self.protocol_error(format!("SCRAM server signature: {e}")))?,
                     ScramLogin::Keys(mut client) => {
                         client.server_final(data).map_err(pass_through_error)?
                     }

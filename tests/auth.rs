@@ -323,11 +323,15 @@ fn config_errors_name_their_keys() {
     let secret = ScramSecret::from_password("x").to_string();
     let cases = [
         (
-            format!("{head}[[users]]\nname = \"app\"\npassword_env = \"PGSWITCH_TEST_SURELY_UNSET\"\n"),
+            format!(
+                "{head}[[users]]\nname = \"app\"\npassword_env = \"PGSWITCH_TEST_SURELY_UNSET\"\n"
+            ),
             "users[0].password_env: environment variable PGSWITCH_TEST_SURELY_UNSET is not set",
         ),
         (
-            format!("{head}[[users]]\nname = \"app\"\npassword = \"p\"\nscram_secret = \"{secret}\"\n"),
+            format!(
+                "{head}[[users]]\nname = \"app\"\npassword = \"p\"\nscram_secret = \"{secret}\"\n"
+            ),
             "users[0].scram_secret: conflicts with users[0].password",
         ),
         (
@@ -424,7 +428,10 @@ fn no_secrets_in_logs_at_debug_level() {
             needles.push(format!("{client_key:?}"));
         }
         for needle in needles {
-            assert!(!logs.contains(&needle), "{needle:?} in the proxy log:\n{logs}");
+            assert!(
+                !logs.contains(&needle),
+                "{needle:?} in the proxy log:\n{logs}"
+            );
         }
     });
 }

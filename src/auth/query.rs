@@ -97,9 +97,9 @@ impl AuthQuery {
         };
         // Reuse only a live connection to the same backend with the same login
         // (a cutover or a reload may have changed either).
-        let reusable = slot.as_mut().is_some_and(|c| {
-            Arc::ptr_eq(&c.addr, addr) && c.login == login && c.conn.is_usable()
-        });
+        let reusable = slot
+            .as_mut()
+            .is_some_and(|c| Arc::ptr_eq(&c.addr, addr) && c.login == login && c.conn.is_usable());
         let auth = match slot.take() {
             Some(auth) if reusable => auth,
             _ => AuthConn {
@@ -162,10 +162,7 @@ impl AuthQuery {
 
     /// Drops every cached answer (e.g. after a reload changed auth settings).
     pub fn clear_cache(&self) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -197,10 +194,7 @@ async fn query_secret(
         b.put_i32(0);
     });
     messages::write_message(&mut out, frontend::SYNC, |_| {});
-    conn.stream
-        .write_all(&out)
-        .await
-        .map_err(ServerError::Io)?;
+    conn.stream.write_all(&out).await.map_err(ServerError::Io)?;
 
     let mut stored: Option<Option<String>> = None;
     let mut failure = None;

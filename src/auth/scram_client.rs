@@ -82,13 +82,8 @@ pub enum ScramClientError {
 
 enum State {
     Start,
-    AwaitingServerFirst {
-        bare: String,
-        nonce: String,
-    },
-    AwaitingServerFinal {
-        server_signature: [u8; 32],
-    },
+    AwaitingServerFirst { bare: String, nonce: String },
+    AwaitingServerFinal { server_signature: [u8; 32] },
     Done,
 }
 
@@ -223,17 +218,16 @@ mod tests {
         ClientKey(server.client_key().unwrap())
     }
 
-    fn pass_through(
-        keys: ScramKeys,
-        server_secret: &ScramSecret,
-    ) -> Result<(), ScramClientError> {
+    fn pass_through(keys: ScramKeys, server_secret: &ScramSecret) -> Result<(), ScramClientError> {
         let mut client = ScramClient::new(keys);
         let mut server = ScramExchange::new(server_secret, false);
         let first = server
             .client_first(SCRAM_SHA_256, &client.client_first())
             .unwrap();
         let final_msg = client.server_first(&first)?;
-        let last = server.client_final(&final_msg).expect("server accepts proof");
+        let last = server
+            .client_final(&final_msg)
+            .expect("server accepts proof");
         client.server_final(&last)
     }
 
