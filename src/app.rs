@@ -21,6 +21,7 @@ use crate::pool::{Pool, PoolKey, PoolSettings};
 use crate::server::{BackendAddr, Credentials, Login};
 use crate::statements::StatementRegistry;
 use crate::switch::{Backend, Switch};
+use crate::tls::{ClientTls, ServerTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -33,6 +34,44 @@ pub enum AppError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{key}: {source}")]
+    Tls { key: String, source: TlsError },
+}
+
+/// The TLS settings built from a configuration: the client leg's acceptor and
+/// each backend's connector. Reading the files is what can fail.
+pub struct TlsSetup {
+    pub client: ClientTls,
+    pub blue: ServerTls,
+    pub green: Option<ServerTls>,
+}
+
+impl TlsSetup {
+    pub fn load(config: &Config) -> Result<TlsSetup, AppError> {
+        let client = ClientTls::load(&config.proxy).map_err(|source| AppError::Tls {
+            key: "proxy.tls_cert".into(),
+            source,
+        })?;
+        let server = |side: Side| {
+            config
+                .backends
+                .get(side)
+                .map(|b| {
+                    ServerTls::load(b).map_err(|source| AppError::Tls {
+                        key: format!("backends.{side}.server_tls"),
+                        source,
+                    })
+                })
+                .transpose()
+        };
+        let blue = server(Side::Blue)?
+            .unwrap_or_else(|| unreachable!("[backends.blue] is required by the config schema"));
+        Ok(TlsSetup {
+            client,
+            blue,
+            green: server(Side::Green)?,
+        })
+    }
 }
 
 pub struct App {
@@ -45,6 +84,7 @@ pub struct App {
     /// pass-through to the servers. Only for users whose backend logins need
     /// it; memory only, never logged (its Debug is redacted).
     client_keys: std::sync::Mutex<std::collections::HashMap<String, ScramKeys>>,
+    client_tls: ArcSwap<ClientTls>,
     pub switch: Switch,
     blue: Arc<Backend>,
     green: Option<Arc<Backend>>,
@@ -65,32 +105,41 @@ impl Drop for ClientCount {
 }
 
 impl App {
-    pub fn new(config: Config, config_path: PathBuf) -> Arc<App> {
-        let backend = |side: Side| {
+    /// Builds the proxy's state; fails only when a TLS certificate, key or CA
+    /// can't be loaded.
+    pub fn new(config: Config, config_path: PathBuf) -> Result<Arc<App>, AppError> {
+        let TlsSetup {
+            client: client_tls,
+            blue: blue_tls,
+            green: green_tls,
+        } = TlsSetup::load(&config)?;
+        let backend = |side: Side, tls: Option<ServerTls>| {
             config.backends.get(side).map(|b| {
                 Backend::new(
                     side,
                     BackendAddr {
                         host: b.host.clone(),
                         port: b.port,
+                        tls: tls.unwrap_or_else(ServerTls::disabled),
                     },
                 )
             })
         };
-        let blue = backend(Side::Blue)
+        let blue = backend(Side::Blue, Some(blue_tls))
             .unwrap_or_else(|| unreachable!("[backends.blue] is required by the config schema"));
-        let green = backend(Side::Green);
+        let green = backend(Side::Green, green_tls);
         let active = match (config.cutover.active, &green) {
             (Side::Green, Some(green)) => green.clone(),
             _ => blue.clone(),
         };
         let secrets = UserSecrets::derive(&config);
-        Arc::new(App {
+        Ok(Arc::new(App {
             config: ArcSwap::from_pointee(config),
             config_path,
             secrets: ArcSwap::from_pointee(secrets),
             auth_query: AuthQuery::default(),
             client_keys: Default::default(),
+            client_tls: ArcSwap::from_pointee(client_tls),
             switch: Switch::new(active),
             blue,
             green,
@@ -99,7 +148,12 @@ impl App {
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU32::new(1),
             shutdown: watch::Sender::new(false),
-        })
+        }))
+    }
+
+    /// The client leg's TLS settings in force now (reloaded on SIGHUP).
+    pub fn client_tls(&self) -> Arc<ClientTls> {
+        self.client_tls.load_full()
     }
 
     pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
@@ -169,19 +223,23 @@ impl App {
         }
     }
 
-    /// Re-reads proxy.toml: users, pool sizes and timeouts change in place;
-    /// connections stay up. A bad file changes nothing.
-    pub async fn reload(&self) -> Result<(), ConfigError> {
+    /// Re-reads proxy.toml: users, pool sizes, timeouts and the client TLS
+    /// certificate change in place; connections stay up (new TLS handshakes use
+    /// the new certificate). A bad file, certificate or key changes nothing.
+    pub async fn reload(&self) -> Result<(), AppError> {
         let path = self.config_path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            Config::load(&path).map(|config| {
-                let secrets = UserSecrets::derive(&config);
-                (config, secrets)
-            })
+            let config = Config::load(&path)?;
+            let client_tls = ClientTls::load(&config.proxy).map_err(|source| AppError::Tls {
+                key: "proxy.tls_cert".into(),
+                source,
+            })?;
+            let secrets = UserSecrets::derive(&config);
+            Ok::<_, AppError>((config, secrets, client_tls))
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        let (config, secrets) = loaded;
+        let (config, secrets, client_tls) = loaded;
         let old = self.config.load_full();
         if config.proxy.listen != old.proxy.listen
             || config.backends.blue != old.backends.blue
@@ -200,6 +258,7 @@ impl App {
         self.secrets.store(Arc::new(secrets));
         // The auth settings may have changed: look users up afresh.
         self.auth_query.clear_cache();
+        self.client_tls.store(Arc::new(client_tls));
         self.config.store(Arc::new(config));
         Ok(())
     }
@@ -280,7 +339,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 pub async fn run(app: Arc<App>) -> Result<(), AppError> {
     let config = app.config();
     let listener = bind(config.proxy.listen)?;
-    tracing::info!(listen = %config.proxy.listen, active = %app.switch.active().side, mode = ?config.proxy.pool_mode, "pgswitch listening");
+    tracing::info!(listen = %config.proxy.listen, active = %app.switch.active().side, mode = ?config.proxy.pool_mode, client_tls = app.client_tls().describe(), "pgswitch listening");
     if config.proxy.auth_method == crate::config::AuthMethod::Trust {
         tracing::warn!("auth_method = \"trust\": clients log in without a password");
     }

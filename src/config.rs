@@ -96,6 +96,12 @@ pub struct ProxyConfig {
     /// How long an auth_query answer (found or not) is reused.
     #[serde(with = "humantime_serde")]
     pub auth_cache_ttl: Duration,
+    /// PEM certificate chain for TLS with clients.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// TLS with clients; defaults to `allow` when a certificate is set.
+    pub client_tls: Option<ClientTlsMode>,
 }
 
 impl Default for ProxyConfig {
@@ -122,7 +128,61 @@ impl Default for ProxyConfig {
             auth_password_env: None,
             auth_dbname: "postgres".into(),
             auth_cache_ttl: Duration::from_secs(60),
+            tls_cert: None,
+            tls_key: None,
+            client_tls: None,
         }
+    }
+}
+
+impl ProxyConfig {
+    /// `client_tls` as configured, else `allow` with a certificate and `disable` without.
+    pub fn client_tls_mode(&self) -> ClientTlsMode {
+        self.client_tls.unwrap_or(if self.tls_cert.is_some() {
+            ClientTlsMode::Allow
+        } else {
+            ClientTlsMode::Disable
+        })
+    }
+}
+
+/// TLS between clients and pgswitch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered 'N'.
+    Disable,
+    /// Clients choose.
+    Allow,
+    /// Plaintext startups are refused (cancel requests still work).
+    Require,
+}
+
+/// TLS between pgswitch and a backend, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    /// TLS when the server offers it, else plaintext; the certificate isn't checked.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate isn't checked.
+    Require,
+    /// TLS with a certificate chain leading to `server_tls_ca`.
+    VerifyCa,
+    /// `verify-ca`, and the certificate names `host`.
+    VerifyFull,
+}
+
+impl fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        })
     }
 }
 
@@ -172,6 +232,10 @@ pub struct BackendConfig {
     pub host: String,
     #[serde(default = "default_pg_port")]
     pub port: u16,
+    #[serde(default)]
+    pub server_tls: ServerTlsMode,
+    /// PEM CA certificate(s) for `verify-ca` and `verify-full`.
+    pub server_tls_ca: Option<PathBuf>,
 }
 
 fn default_pg_port() -> u16 {
@@ -464,6 +528,35 @@ impl Config {
                 "proxy.prepared_statements_per_server",
                 "must be at least 1",
             ));
+        }
+        match (&p.tls_cert, &p.tls_key) {
+            (Some(_), None) => return Err(invalid("proxy.tls_key", "is required with tls_cert")),
+            (None, Some(_)) => return Err(invalid("proxy.tls_cert", "is required with tls_key")),
+            _ => {}
+        }
+        if p.tls_cert.is_none() && p.client_tls.is_some_and(|m| m != ClientTlsMode::Disable) {
+            return Err(invalid(
+                "proxy.client_tls",
+                "needs tls_cert and tls_key (a certificate to offer clients)",
+            ));
+        }
+        for side in [Side::Blue, Side::Green] {
+            let Some(b) = self.backends.get(side) else {
+                continue;
+            };
+            let verifies = matches!(
+                b.server_tls,
+                ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull
+            );
+            if verifies && b.server_tls_ca.is_none() {
+                return Err(invalid(
+                    &format!("backends.{side}.server_tls_ca"),
+                    &format!(
+                        "is required with server_tls = \"{}\" (the CA that signed the server's certificate)",
+                        b.server_tls
+                    ),
+                ));
+            }
         }
         if self.backends.get(self.cutover.active).is_none() {
             return Err(invalid(

@@ -17,3 +17,4 @@ pub mod server;
 pub mod session_params;
 pub mod statements;
 pub mod switch;
+pub mod tls;

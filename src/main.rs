@@ -50,7 +50,10 @@ fn init_logging(config: &Config) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Config::load(&config)
+            .map_err(app::AppError::from)
+            .and_then(|c| app::TlsSetup::load(&c))
+        {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async move {
-                let app = App::new(config, path);
+                let app = App::new(config, path)?;
                 app::run(app).await
             });
             // Don't wait for sessions still draining past shutdown_timeout.

@@ -21,12 +21,14 @@ use crate::protocol::messages::{self, backend};
 use crate::protocol::{FrameHeader, PgError};
 use crate::session_params::ParamSet;
 use crate::statements::ServerStatements;
+use crate::tls::{ServerStream, ServerTls, TlsError};
 
-/// Where a backend listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a backend listens, and how pgswitch secures its connections to it.
+#[derive(Debug, Clone)]
 pub struct BackendAddr {
     pub host: String,
     pub port: u16,
+    pub tls: ServerTls,
 }
 
 impl std::fmt::Display for BackendAddr {
@@ -105,6 +107,8 @@ pub enum ServerError {
     UnsupportedAuth { addr: String, code: i32 },
     #[error("server {addr} broke the protocol: {message}")]
     Protocol { addr: String, message: String },
+    #[error("server {addr}: {source}")]
+    Tls { addr: String, source: TlsError },
     #[error("server connection lost: {0}")]
     Io(#[from] io::Error),
 }
@@ -128,7 +132,7 @@ impl ServerError {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     pub rbuf: BytesMut,
     pub addr: Arc<BackendAddr>,
     /// The server's own BackendKeyData, for forwarding cancels.
@@ -168,6 +172,20 @@ impl ServerConn {
             Ok(Ok(s)) => s,
         };
         stream.set_nodelay(true)?;
+        let stream = match tokio::time::timeout(connect_timeout, addr.tls.negotiate(stream)).await {
+            Err(_) => {
+                return Err(ServerError::ConnectTimeout {
+                    addr: addr.to_string(),
+                })
+            }
+            Ok(Err(source)) => {
+                return Err(ServerError::Tls {
+                    addr: addr.to_string(),
+                    source,
+                })
+            }
+            Ok(Ok(s)) => s,
+        };
         let now = Instant::now();
         let mut conn = ServerConn {
             stream,
@@ -382,6 +400,8 @@ impl ServerConn {
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol_error(e.message)),
             }
+            // TLS may hold back the end of what was written; send it before waiting.
+            self.stream.flush().await?;
             if self.stream.read_buf(&mut self.rbuf).await? == 0 {
                 return Err(ServerError::Io(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -432,9 +452,10 @@ impl ServerConn {
         )
     }
 
-    /// Says goodbye to the server without waiting; the socket closes on drop.
+    /// Says goodbye to the server without waiting (on TLS with a close_notify,
+    /// best effort); the socket closes on drop.
     pub fn terminate(&mut self) {
-        let _ = self.stream.try_write(messages::TERMINATE);
+        self.stream.close_now(messages::TERMINATE);
     }
 }
 

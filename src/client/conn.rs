@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::protocol::framing::{take_startup, MAX_STARTUP_LEN};
 use crate::protocol::{FrameHeader, PgError, StartupPacket};
+use crate::tls::{ClientStream, MaybeTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -20,19 +21,29 @@ pub enum ClientError {
 }
 
 pub struct ClientConn {
-    pub stream: TcpStream,
+    pub stream: ClientStream,
     pub buf: BytesMut,
 }
 
 impl ClientConn {
     pub fn new(stream: TcpStream) -> Self {
         ClientConn {
-            stream,
+            stream: MaybeTls::Plain(stream),
             buf: BytesMut::with_capacity(1024),
         }
     }
 
+    /// Reads until at least `n` bytes are buffered.
+    pub async fn fill_to(&mut self, n: usize) -> Result<(), ClientError> {
+        while self.buf.len() < n {
+            self.fill().await?;
+        }
+        Ok(())
+    }
+
     async fn fill(&mut self) -> Result<(), ClientError> {
+        // TLS may hold back the end of what was written; send it before waiting.
+        self.stream.flush().await?;
         if self.stream.read_buf(&mut self.buf).await? == 0 {
             return Err(ClientError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
@@ -68,6 +79,13 @@ impl ClientConn {
     }
 
     pub async fn send_error(&mut self, error: &PgError) {
-        let _ = self.stream.write_all(&error.to_bytes()).await;
+        let _ = self.send(&error.to_bytes()).await;
+    }
+
+    /// Writes and flushes (which TLS needs before waiting for the client).
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
     }
 }

@@ -1,38 +1,66 @@
-//! From accept to the first ReadyForQuery: startup packet, SSL/GSS refusal,
-//! cancel forwarding, authentication, and the parameters a real server would
-//! report.
+//! From accept to the first ReadyForQuery: TLS (after SSLRequest, or direct as
+//! PostgreSQL 17 clients may do), GSS refusal, startup packet, cancel
+//! forwarding, authentication, and the parameters a real server would report.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::net::TcpStream;
 
 use super::conn::{ClientConn, ClientError};
 use super::session::Session;
 use crate::app::App;
 use crate::cancel::CancelKey;
+use crate::config::ClientTlsMode;
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, PoolKey};
 use crate::protocol::error::sqlstate;
-use crate::protocol::framing::PROTOCOL_3_0;
+use crate::protocol::framing::{GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
 use crate::protocol::messages;
 use crate::protocol::{PgError, StartupPacket};
 use crate::session_params::{ParamSet, Reported};
 use crate::switch::Backend;
+use crate::tls::{ClientTls, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
 
 /// Serves one client connection to its end, and logs how it ended.
 pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let id = app.next_client_id();
     let _count = app.count_client();
-    let mut conn = ClientConn::new(stream);
     let login_timeout = app.config().proxy.client_login_timeout;
-    let failure = match tokio::time::timeout(login_timeout, login(&app, &mut conn, id)).await {
-        Ok(Ok(None)) => return, // a cancel request: nothing to log per connection
-        Ok(Ok(Some(established))) => {
+    let deadline = tokio::time::Instant::now() + login_timeout;
+    let timed_out = || {
+        PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            "login timed out (client_login_timeout)",
+        )
+    };
+    let tls = app.client_tls();
+    let (mut conn, failure) =
+        match tokio::time::timeout_at(deadline, open(&tls, ClientConn::new(stream))).await {
+            Ok(Ok(conn)) => (Some(conn), None),
+            Ok(Err((conn, e))) => (conn, Some(e)),
+            // Still plaintext or mid-handshake: nobody to tell.
+            Err(_) => (None, Some(ClientError::from(timed_out()))),
+        };
+    let failure = match (conn.as_mut(), failure) {
+        (Some(conn), None) => {
+            match tokio::time::timeout_at(deadline, login(&app, &tls, conn, id, peer)).await {
+                Ok(Ok(None)) => return, // a cancel request: nothing to log per connection
+                Ok(Ok(Some(established))) => Ok(established),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(timed_out().into()),
+            }
+        }
+        (_, Some(e)) => Err(e),
+        (None, None) => unreachable!("open returns a connection or an error"),
+    };
+    drop(tls);
+    let failure = match failure {
+        Ok(established) => {
+            let conn = conn.unwrap_or_else(|| unreachable!("logged in without a connection"));
             let key = established.pool_key.clone();
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, "client connected");
             let reason = Session::new(app, conn, established).run().await;
@@ -40,17 +68,14 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, duration_ms, %reason, "client closed");
             return;
         }
-        Ok(Err(e)) => e,
-        Err(_) => PgError::fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            "login timed out (client_login_timeout)",
-        )
-        .into(),
+        Err(e) => e,
     };
     let reason = match failure {
         ClientError::Io(e) => format!("client connection error: {e}"),
         ClientError::Pg(e) => {
-            conn.send_error(&e).await;
+            if let Some(conn) = conn.as_mut() {
+                conn.send_error(&e).await;
+            }
             e.to_string()
         }
     };
@@ -69,25 +94,159 @@ pub struct Established {
     pub cancel: CancelKey,
 }
 
+/// A failure while opening, with the connection if it is still usable for an
+/// error message.
+type OpenFailure = (Option<ClientConn>, ClientError);
+
+/// Before the startup packet: a direct TLS handshake (PostgreSQL 17's
+/// `sslnegotiation=direct`: the first byte is a TLS record, not a length), or
+/// SSLRequest and GSSENCRequest, in any order, each answered once. Returns the
+/// connection (TLS or not) with the next packet, unread, in its buffer.
+async fn open(tls: &ClientTls, mut conn: ClientConn) -> Result<ClientConn, OpenFailure> {
+    let MaybeTls::Plain(tcp) = &conn.stream else {
+        unreachable!("connections open in plaintext")
+    };
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(0) => return Err((None, io_error("closed before the startup packet"))),
+        Ok(_) => {}
+        Err(e) => return Err((None, e.into())),
+    }
+    if first[0] == TLS_HANDSHAKE_RECORD {
+        let Some(acceptor) = &tls.acceptor else {
+            // The client expects a TLS answer; plaintext would be noise to it.
+            return Err((
+                None,
+                io_error("direct TLS handshake, but TLS is not configured"),
+            ));
+        };
+        let mut conn = start_tls(acceptor, conn).await.map_err(|e| (None, e))?;
+        let alpn = match &conn.stream {
+            MaybeTls::Tls(s) => s.get_ref().1.alpn_protocol(),
+            MaybeTls::Plain(_) => None,
+        };
+        if alpn != Some(ALPN_POSTGRESQL) {
+            // As PostgreSQL 17: direct TLS must say which protocol it carries.
+            conn.send_error(&PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "direct SSL connection was established without ALPN protocol negotiation extension",
+            ))
+            .await;
+            return Err((None, io_error("direct TLS without ALPN \"postgresql\"")));
+        }
+        return Ok(conn);
+    }
+    let mut gss_answered = false;
+    loop {
+        if let Err(e) = conn.fill_to(4).await {
+            return Err((Some(conn), e));
+        }
+        let len = (&conn.buf[..4]).get_i32();
+        if len != 8 {
+            // Not a request of ours: the startup packet (or garbage) is read,
+            // and judged, by `login`.
+            return Ok(conn);
+        }
+        if let Err(e) = conn.fill_to(8).await {
+            return Err((Some(conn), e));
+        }
+        let code = (&conn.buf[4..8]).get_i32();
+        match code {
+            SSL_REQUEST_CODE if len == 8 => {
+                conn.buf.advance(8);
+                let Some(acceptor) = &tls.acceptor else {
+                    // No TLS configured: 'N' tells the client to go on in
+                    // plaintext (or give up, if it requires TLS).
+                    if let Err(e) = conn.send(b"N").await {
+                        return Err((Some(conn), e));
+                    }
+                    return Ok(conn);
+                };
+                if !conn.buf.is_empty() {
+                    // Bytes sent before our answer would be taken as if they
+                    // came over TLS (CVE-2021-23214): refuse, as PostgreSQL does.
+                    let e = PgError::protocol("received unencrypted data after SSL request");
+                    return Err((Some(conn), e.into()));
+                }
+                if let Err(e) = conn.send(b"S").await {
+                    return Err((Some(conn), e));
+                }
+                return start_tls(acceptor, conn).await.map_err(|e| (None, e));
+            }
+            GSSENC_REQUEST_CODE if len == 8 && !gss_answered => {
+                conn.buf.advance(8);
+                gss_answered = true;
+                if let Err(e) = conn.send(b"N").await {
+                    return Err((Some(conn), e));
+                }
+            }
+            _ => return Ok(conn),
+        }
+    }
+}
+
+fn io_error(message: &str) -> ClientError {
+    ClientError::Io(std::io::Error::other(message.to_owned()))
+}
+
+/// The TLS handshake on a plaintext connection; nothing read yet is buffered.
+async fn start_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    conn: ClientConn,
+) -> Result<ClientConn, ClientError> {
+    let MaybeTls::Plain(tcp) = conn.stream else {
+        return Err(io_error("TLS requested twice"));
+    };
+    let tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| io_error(&format!("TLS handshake failed: {e}")))?;
+    Ok(ClientConn {
+        stream: MaybeTls::Tls(Box::new(tls)),
+        buf: conn.buf,
+    })
+}
+
 async fn login(
     app: &Arc<App>,
+    tls: &ClientTls,
     conn: &mut ClientConn,
     id: u32,
+    peer: SocketAddr,
 ) -> Result<Option<Established>, ClientError> {
-    let (version, params) = loop {
-        match conn.read_startup().await? {
-            // No TLS or GSS encryption on the client leg yet: 'N' tells the
-            // client to go on in plaintext (or give up, if it requires them).
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                conn.stream.write_all(b"N").await?
-            }
-            StartupPacket::Cancel { pid, secret } => {
-                app.cancels.cancel(pid, secret).await;
-                return Ok(None);
-            }
-            StartupPacket::Startup { version, params } => break (version, params),
+    let (version, params) = match conn.read_startup().await? {
+        // Only before the startup packet, once each (see `open`).
+        StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            return Err(PgError::protocol(
+                "unexpected SSLRequest or GSSENCRequest after encryption negotiation",
+            )
+            .into())
         }
+        StartupPacket::Cancel { pid, secret } => {
+            app.cancels.cancel(pid, secret).await;
+            return Ok(None);
+        }
+        StartupPacket::Startup { version, params } => (version, params),
     };
+    if tls.mode == ClientTlsMode::Require && !conn.stream.is_tls() {
+        let param = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        return Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!(
+                "connection without SSL refused: client_tls = \"require\" (host \"{}\", user \"{}\", database \"{}\", SSL off)",
+                peer.ip(),
+                param("user"),
+                param("database"),
+            ),
+        )
+        .with_hint("Connect with sslmode=require (or stronger).")
+        .into());
+    }
     negotiate_version(conn, version, &params).await?;
     let config = app.config();
     if app.client_count() > config.proxy.max_client_conn {
@@ -161,7 +320,7 @@ async fn login(
     }
     messages::backend_key_data(&mut out, cancel.pid, cancel.secret);
     messages::ready_for_query(&mut out, b'I');
-    conn.stream.write_all(&out).await?;
+    conn.send(&out).await?;
 
     if let Some(server) = &server {
         cancel.slot.set(Some(crate::cancel::CancelTarget {
@@ -213,7 +372,7 @@ async fn negotiate_version(
             b.put_u8(0);
         }
     });
-    conn.stream.write_all(&out).await?;
+    conn.send(&out).await?;
     Ok(())
 }
 

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::conn::{ClientConn, ClientError};
@@ -33,6 +32,7 @@ use crate::server::ServerConn;
 use crate::session_params::ParamSet;
 use crate::statements::Statement;
 use crate::switch::Backend;
+use crate::tls::{ClientStream, MaybeTls};
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -42,7 +42,7 @@ pub type CloseReason = &'static str;
 
 pub struct Session {
     app: Arc<App>,
-    client: TcpStream,
+    client: ClientStream,
     cbuf: BytesMut,
     to_client: BytesMut,
     to_server: BytesMut,
@@ -431,8 +431,10 @@ impl Session {
         poll_fn(|cx| {
             let mut progress = false;
             progress |= write_some(client, to_client, cx).map_err(|_| Closed::Client)?;
+            flush_tls(client, cx).map_err(|_| Closed::Client)?;
             if let Some((stream, rbuf)) = server.as_mut() {
                 progress |= write_some(&mut **stream, to_server, cx).map_err(Closed::Server)?;
+                flush_tls(&mut **stream, cx).map_err(Closed::Server)?;
                 if to_client.len() < HIGH_WATER {
                     progress |= read_some(&mut **stream, rbuf, cx).map_err(Closed::Server)?;
                 }
@@ -454,6 +456,7 @@ impl Session {
             self.client.write_all(&self.to_client).await?;
             self.to_client.clear();
         }
+        self.client.flush().await?;
         Ok(())
     }
 
@@ -511,17 +514,54 @@ fn write_some<S: AsyncWrite + Unpin>(
     Ok(wrote)
 }
 
+/// TLS can keep the end of a write buffered when the socket is full: pushes
+/// it out (and registers for writability) on every round. Nothing on plain TCP.
+#[inline]
+fn flush_tls<T: AsyncWrite + Unpin>(
+    stream: &mut MaybeTls<T>,
+    cx: &mut Context<'_>,
+) -> Result<(), io::Error> {
+    match stream {
+        MaybeTls::Plain(_) => Ok(()),
+        MaybeTls::Tls(s) => match Pin::new(&mut **s).poll_flush(cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
+        },
+    }
+}
+
 /// Reads from the client. An idle client holds no read buffer: one is
-/// allocated only once the socket has something to read.
+/// allocated only once the socket (TLS: the decrypted stream) has something
+/// to read.
 fn read_client(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Result<bool, io::Error> {
     if buf.capacity() == 0 {
-        match stream.poll_read_ready(cx) {
-            Poll::Ready(r) => r?,
-            Poll::Pending => return Ok(false),
+        match stream {
+            MaybeTls::Plain(tcp) => match tcp.poll_read_ready(cx) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => return Ok(false),
+            },
+            MaybeTls::Tls(tls) => {
+                // Records may be only partly decrypted; read the first bytes
+                // onto the stack and allocate once there are some.
+                let mut first = [0u8; 512];
+                let mut rb = ReadBuf::new(&mut first);
+                match Pin::new(&mut **tls).poll_read(cx, &mut rb) {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => return Ok(false),
+                }
+                if rb.filled().is_empty() {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.reserve(8 * 1024);
+                buf.extend_from_slice(rb.filled());
+                // Read on: more may be waiting.
+                let _ = read_some(stream, buf, cx);
+                return Ok(true);
+            }
         }
     }
     read_some(stream, buf, cx)
