@@ -17,6 +17,7 @@ use crate::auth::query::AuthQuery;
 use crate::auth::{ScramKeys, UserSecrets};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, ConfigError, Side};
+use crate::metrics::{Metrics, Snapshot};
 use crate::pool::{Pool, PoolKey, PoolSettings};
 use crate::server::{BackendAddr, Credentials, Login};
 use crate::statements::StatementRegistry;
@@ -34,6 +35,10 @@ pub enum AppError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Admin(crate::admin::AdminError),
+    #[error(transparent)]
+    State(crate::cutover::state::StateError),
     #[error("{key}: {source}")]
     Tls { key: String, source: TlsError },
 }
@@ -85,7 +90,7 @@ pub struct App {
     /// it; memory only, never logged (its Debug is redacted).
     client_keys: std::sync::Mutex<std::collections::HashMap<String, ScramKeys>>,
     client_tls: ArcSwap<ClientTls>,
-    pub switch: Switch,
+    pub switch: Arc<Switch>,
     blue: Arc<Backend>,
     green: Option<Arc<Backend>>,
     pub statements: StatementRegistry,
@@ -93,6 +98,13 @@ pub struct App {
     clients: AtomicUsize,
     next_client_id: AtomicU32,
     shutdown: watch::Sender<bool>,
+    pub metrics: Metrics,
+    /// Runs cutovers and fallbacks; keeps their history and the state file.
+    pub cutover: crate::cutover::Controller,
+    /// Replication lag toward the other side, refreshed by housekeeping.
+    lag: std::sync::Mutex<Option<crate::replication::Lag>>,
+    /// When the gate was closed by /pause, for the pause-time histogram.
+    paused_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Counts a client for max_client_conn while alive.
@@ -128,10 +140,25 @@ impl App {
         let blue = backend(Side::Blue, Some(blue_tls))
             .unwrap_or_else(|| unreachable!("[backends.blue] is required by the config schema"));
         let green = backend(Side::Green, green_tls);
-        let active = match (config.cutover.active, &green) {
+        // The state file, when present, says which side a cutover left active;
+        // it wins over proxy.toml so a restart never silently goes back.
+        let state_file = config.cutover.state_file.clone();
+        let persisted = match &state_file {
+            Some(path) => crate::cutover::state::load(path).map_err(AppError::State)?,
+            None => None,
+        }
+        .unwrap_or_else(|| crate::cutover::state::PersistedState::new(config.cutover.active));
+        let active = match (persisted.active, &green) {
             (Side::Green, Some(green)) => green.clone(),
+            (Side::Green, None) => return Err(AppError::State(
+                crate::cutover::state::StateError::Inconsistent(
+                    "the state file says green is active, but [backends.green] is not configured"
+                        .into(),
+                ),
+            )),
             _ => blue.clone(),
         };
+        let cutover = crate::cutover::Controller::new(persisted, state_file);
         let secrets = UserSecrets::derive(&config);
         Ok(Arc::new(App {
             config: ArcSwap::from_pointee(config),
@@ -140,7 +167,7 @@ impl App {
             auth_query: AuthQuery::default(),
             client_keys: Default::default(),
             client_tls: ArcSwap::from_pointee(client_tls),
-            switch: Switch::new(active),
+            switch: Arc::new(Switch::new(active)),
             blue,
             green,
             statements: StatementRegistry::default(),
@@ -148,7 +175,83 @@ impl App {
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU32::new(1),
             shutdown: watch::Sender::new(false),
+            metrics: Metrics::new(),
+            cutover,
+            lag: std::sync::Mutex::new(None),
+            paused_at: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// Holds new transactions at the gate (admin /pause).
+    pub fn pause(&self) {
+        let mut paused_at = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
+        if paused_at.is_none() {
+            *paused_at = Some(std::time::Instant::now());
+            self.switch.gate.close();
+            tracing::info!("paused: new transactions wait at the gate");
+        }
+    }
+
+    /// Releases held transactions (admin /resume).
+    pub fn resume(&self) {
+        let mut paused_at = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(since) = paused_at.take() {
+            self.switch.gate.open();
+            let held = since.elapsed();
+            self.metrics.pause_seconds.observe(held.as_secs_f64());
+            tracing::info!(pause_ms = held.as_millis() as u64, "resumed");
+        }
+    }
+
+    pub fn admin_token(&self) -> Option<String> {
+        self.config().admin.resolved_token()
+    }
+
+    fn all_pools(&self) -> impl Iterator<Item = (Side, Arc<Pool>)> + '_ {
+        self.backends()
+            .flat_map(|b| b.pools().into_iter().map(move |p| (b.side, p)))
+    }
+
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot {
+            clients_total: self.client_count(),
+            ..Snapshot::default()
+        };
+        for backend in self.backends() {
+            let (mut active, mut idle) = (0, 0);
+            for pool in backend.pools() {
+                let stats = pool.stats();
+                active += stats.active;
+                idle += stats.idle;
+                snapshot.clients_waiting += stats.waiting;
+            }
+            snapshot.clients_active += active;
+            snapshot.servers.push((backend.side.as_str(), active, idle));
+        }
+        snapshot
+    }
+
+    /// GET /status.
+    pub fn status_json(&self) -> serde_json::Value {
+        let pools: Vec<serde_json::Value> = self
+            .all_pools()
+            .map(|(side, pool)| {
+                serde_json::json!({
+                    "backend": side.as_str(),
+                    "database": pool.key.database,
+                    "user": pool.key.user,
+                    "stats": pool.stats(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "active": self.switch.active().side.as_str(),
+            "paused": self.switch.gate.is_closed(),
+            "phase": self.cutover.phase(),
+            "replication_lag": *self.lag.lock().unwrap_or_else(|e| e.into_inner()),
+            "clients": self.client_count(),
+            "pools": pools,
+        })
     }
 
     /// The client leg's TLS settings in force now (reloaded on SIGHUP).
@@ -183,6 +286,13 @@ impl App {
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    pub fn backend(&self, side: Side) -> Option<Arc<Backend>> {
+        match side {
+            Side::Blue => Some(self.blue.clone()),
+            Side::Green => self.green.clone(),
+        }
     }
 
     pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
@@ -347,6 +457,14 @@ pub async fn run(app: Arc<App>) -> Result<(), AppError> {
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    let admin_addr = app.config().admin.listen;
+    let admin = crate::admin::bind(admin_addr)
+        .await
+        .map_err(AppError::Admin)?;
+    if app.admin_token().is_none() {
+        tracing::warn!(listen = %admin_addr, "admin API without a token (loopback only)");
+    }
+    tokio::spawn(crate::admin::serve(app.clone(), admin));
     tokio::spawn(housekeeping(app.clone()));
     loop {
         tokio::select! {
@@ -396,10 +514,63 @@ async fn shutdown(app: &App) {
     tracing::info!(remaining_clients = app.client_count(), "pgswitch stopped");
 }
 
+/// Once a second, when the active side has admin credentials: the lag of the
+/// replication a cutover (or fallback) would wait for, for /status and the
+/// `pgswitch_replication_lag_bytes` gauge.
+async fn watch_lag(app: Arc<App>) {
+    let mut conn: Option<(Side, tokio_postgres::Client)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let config = app.config().clone();
+        let side = app.switch.active().side;
+        let Some((user, password)) = config
+            .backends
+            .get(side)
+            .and_then(|b| b.admin_credentials())
+        else {
+            continue;
+        };
+        if conn
+            .as_ref()
+            .is_none_or(|(s, c)| *s != side || c.is_closed())
+        {
+            let Some(backend) = config.backends.get(side) else {
+                continue;
+            };
+            let opened = crate::replication::connect(
+                &backend.host,
+                backend.port,
+                &user,
+                &password,
+                &config.replication.database,
+                Duration::from_secs(5),
+            )
+            .await;
+            conn = opened.ok().map(|c| (side, c));
+        }
+        let Some((_, client)) = &conn else { continue };
+        // Blue publishes through the forward slot, green through the reverse one.
+        let slot = match side {
+            Side::Blue => config.replication.slot().to_owned(),
+            Side::Green => crate::replication::ReverseNames::new("").slot,
+        };
+        let lag = crate::replication::replication_lag(client, &slot)
+            .await
+            .ok();
+        if let Some(lag) = &lag {
+            app.metrics.replication_lag_bytes.set(lag.bytes as i64);
+        }
+        *app.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+    }
+}
+
 /// Once a second: retire idle and old server connections, keep min_pool_size.
 async fn housekeeping(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::spawn(watch_lag(app.clone()));
     loop {
         tick.tick().await;
         for backend in app.backends() {

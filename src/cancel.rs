@@ -95,13 +95,40 @@ impl CancelRegistry {
             target
         };
         let Some(target) = target else { return false };
-        let request = messages::cancel_request(target.pid, target.secret);
-        match TcpStream::connect((target.addr.host.as_str(), target.addr.port)).await {
-            Ok(mut stream) => stream.write_all(&request).await.is_ok(),
-            Err(e) => {
-                tracing::warn!(server = %target.addr, error = %e, "could not forward cancel request");
-                false
-            }
+        send_cancel(&target).await
+    }
+
+    /// Cancels every query running on `addr` (a cutover's drain with
+    /// `drain_action = "cancel"`). Returns how many were cancelled.
+    pub async fn cancel_all_on(&self, addr: &BackendAddr) -> usize {
+        let targets: Vec<CancelTarget> = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .values()
+                .filter_map(|slot| {
+                    slot.target
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone()
+                })
+                .filter(|t| t.addr.host == addr.host && t.addr.port == addr.port)
+                .collect()
+        };
+        let mut cancelled = 0;
+        for target in &targets {
+            cancelled += usize::from(send_cancel(target).await);
+        }
+        cancelled
+    }
+}
+
+async fn send_cancel(target: &CancelTarget) -> bool {
+    let request = messages::cancel_request(target.pid, target.secret);
+    match TcpStream::connect((target.addr.host.as_str(), target.addr.port)).await {
+        Ok(mut stream) => stream.write_all(&request).await.is_ok(),
+        Err(e) => {
+            tracing::warn!(server = %target.addr, error = %e, "could not forward cancel request");
+            false
         }
     }
 }

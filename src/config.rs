@@ -55,6 +55,10 @@ pub struct Config {
     #[serde(default)]
     pub cutover: CutoverConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    #[serde(default)]
     pub users: Vec<UserConfig>,
 }
 
@@ -236,6 +240,54 @@ pub struct BackendConfig {
     pub server_tls: ServerTlsMode,
     /// PEM CA certificate(s) for `verify-ca` and `verify-full`.
     pub server_tls_ca: Option<PathBuf>,
+    /// Superuser (or a role that may manage subscriptions, slots, origins and
+    /// roles) for the control connections a cutover uses.
+    pub admin_user: Option<String>,
+    pub admin_password: Option<Secret>,
+    /// Name of an environment variable holding `admin_password`.
+    pub admin_password_env: Option<String>,
+}
+
+impl BackendConfig {
+    /// The admin credentials, when configured (password from the environment
+    /// when `admin_password_env` names a variable).
+    pub fn admin_credentials(&self) -> Option<(String, String)> {
+        let user = self.admin_user.clone()?;
+        let password = match (&self.admin_password, &self.admin_password_env) {
+            (Some(p), _) => p.0.clone(),
+            (None, Some(var)) => std::env::var(var).ok()?,
+            (None, None) => String::new(),
+        };
+        Some((user, password))
+    }
+}
+
+/// Logical replication between the two sides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// The forward subscription (on green, from blue).
+    pub subscription: String,
+    /// Its slot on blue; defaults to the subscription's name.
+    pub slot: Option<String>,
+    /// The replicated database (where the publication and subscriptions live).
+    pub database: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            subscription: "pgswitch".into(),
+            slot: None,
+            database: "postgres".into(),
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub fn slot(&self) -> &str {
+        self.slot.as_deref().unwrap_or(&self.subscription)
+    }
 }
 
 fn default_pg_port() -> u16 {
@@ -272,16 +324,81 @@ impl fmt::Display for Side {
     }
 }
 
+/// The admin HTTP API (status, metrics, pause/resume; cutover later).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token every endpoint but /health requires.
+    pub token: Option<Secret>,
+    /// Name of an environment variable holding the token.
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            token: None,
+            token_env: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The configured token, from `token` or the variable `token_env` names.
+    pub fn resolved_token(&self) -> Option<String> {
+        match (&self.token, &self.token_env) {
+            (Some(token), _) => Some(token.0.clone()),
+            (None, Some(var)) => std::env::var(var).ok(),
+            (None, None) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CutoverConfig {
     pub active: Side,
+    /// Where the active side is recorded after every cutover; on start it
+    /// overrides `active`, so a restart comes back on the side it left.
+    pub state_file: Option<PathBuf>,
+    /// The whole cutover, preflight to resume.
+    pub timeout_ms: u64,
+    /// How long running transactions may take to finish after the pause.
+    pub drain_timeout_ms: u64,
+    pub drain_action: DrainAction,
+    /// Refuse to start while the target lags more than this.
+    pub max_lag_bytes_to_start: u64,
+    pub sync_sequences: bool,
+    pub fence_old: bool,
+    pub reverse_replication: bool,
 }
 
 impl Default for CutoverConfig {
     fn default() -> Self {
-        CutoverConfig { active: Side::Blue }
+        CutoverConfig {
+            active: Side::Blue,
+            state_file: None,
+            timeout_ms: 5000,
+            drain_timeout_ms: 2000,
+            drain_action: DrainAction::Abort,
+            max_lag_bytes_to_start: 16 * 1024 * 1024,
+            sync_sequences: true,
+            fence_old: true,
+            reverse_replication: true,
+        }
     }
+}
+
+/// What a cutover does with transactions still running at the drain timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainAction {
+    /// Abort the cutover; traffic continues on the old side.
+    Abort,
+    /// Cancel them (their clients get 57014) and go on.
+    Cancel,
 }
 
 #[derive(Clone, Deserialize)]
@@ -558,6 +675,25 @@ impl Config {
                 ));
             }
         }
+        if let Some(var) = self
+            .admin
+            .token_env
+            .as_deref()
+            .filter(|_| self.admin.token.is_none())
+        {
+            if std::env::var(var).is_err() {
+                return Err(invalid(
+                    "admin.token_env",
+                    &format!("environment variable {var} is not set"),
+                ));
+            }
+        }
+        if !self.admin.listen.ip().is_loopback() && self.admin.resolved_token().is_none() {
+            return Err(invalid(
+                "admin.token",
+                "is required when admin.listen is not a loopback address",
+            ));
+        }
         if self.backends.get(self.cutover.active).is_none() {
             return Err(invalid(
                 "cutover.active",
@@ -623,6 +759,18 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The server roles the application logs in as: what a cutover fences.
+    pub fn application_roles(&self) -> Vec<String> {
+        let mut roles: Vec<String> = self
+            .users
+            .iter()
+            .map(|u| u.server_user.clone().unwrap_or_else(|| u.name.clone()))
+            .collect();
+        roles.sort();
+        roles.dedup();
+        roles
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {

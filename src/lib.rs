@@ -5,11 +5,14 @@
 //! [`protocol`]. Control plane: [`switch`] (active backend and gate), [`app`]
 //! (listener, reload, shutdown).
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod config;
+pub mod cutover;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod replication;

@@ -6,7 +6,7 @@
 //! cutover closes the gate, swaps the backend and opens the gate again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -72,7 +72,7 @@ impl Gate {
     /// Returns at once while the gate is open; otherwise waits until it opens.
     #[inline]
     pub async fn pass(&self) {
-        if !self.closed.load(Ordering::Acquire) {
+        if !self.closed.load(Ordering::SeqCst) {
             return;
         }
         let mut rx = self.state.subscribe();
@@ -81,7 +81,7 @@ impl Gate {
     }
 
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
         self.state.send_replace(true);
     }
 
@@ -99,6 +99,21 @@ impl Gate {
 pub struct Switch {
     active: ArcSwap<Backend>,
     pub gate: Gate,
+    /// Transactions (and session-mode sessions) holding a server connection.
+    in_flight: AtomicUsize,
+    /// Raised by a cutover's drain: session-mode sessions end at their next
+    /// transaction boundary so that none runs on the new side with its
+    /// session state silently lost.
+    draining: watch::Sender<bool>,
+}
+
+/// A transaction (or session) in flight; counted until dropped.
+pub struct InFlight(Arc<Switch>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Switch {
@@ -106,7 +121,36 @@ impl Switch {
         Switch {
             active: ArcSwap::new(active),
             gate: Gate::default(),
+            in_flight: AtomicUsize::new(0),
+            draining: watch::Sender::new(false),
         }
+    }
+
+    /// Passes the gate and counts the caller in flight. The count goes up
+    /// before the gate is checked again, so a cutover that closes the gate
+    /// and then sees zero in flight knows no transaction can still start on
+    /// the old side.
+    pub async fn enter(self: &Arc<Self>) -> InFlight {
+        loop {
+            self.gate.pass().await;
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.gate.closed.load(Ordering::SeqCst) {
+                return InFlight(self.clone());
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.send_replace(draining);
+    }
+
+    pub fn draining_signal(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     #[inline]

@@ -21,7 +21,7 @@ use crate::protocol::framing::{GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CO
 use crate::protocol::messages;
 use crate::protocol::{PgError, StartupPacket};
 use crate::session_params::{ParamSet, Reported};
-use crate::switch::Backend;
+use crate::switch::{Backend, InFlight};
 use crate::tls::{ClientTls, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
 
 /// Serves one client connection to its end, and logs how it ended.
@@ -73,6 +73,7 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     let reason = match failure {
         ClientError::Io(e) => format!("client connection error: {e}"),
         ClientError::Pg(e) => {
+            app.metrics.count_error(e.code.class());
             if let Some(conn) = conn.as_mut() {
                 conn.send_error(&e).await;
             }
@@ -91,6 +92,7 @@ pub struct Established {
     pub mode: PoolMode,
     pub params: Arc<ParamSet>,
     pub server: Option<Checkout>,
+    pub in_flight: Option<InFlight>,
     pub cancel: CancelKey,
 }
 
@@ -305,7 +307,7 @@ async fn login(
     }
 
     // New sessions wait at the gate during a cutover, like new transactions.
-    app.switch.gate.pass().await;
+    let in_flight = app.switch.enter().await;
     let backend = app.switch.active();
     let pool_key = PoolKey { database, user };
     let pool = app.pool_for(&backend, &pool_key);
@@ -329,6 +331,8 @@ async fn login(
             secret: server.backend_secret,
         }));
     }
+    // A session-mode session is in flight as long as it holds its server.
+    let in_flight = server.as_ref().map(|_| in_flight);
     Ok(Some(Established {
         backend,
         pool,
@@ -336,6 +340,7 @@ async fn login(
         mode,
         params,
         server,
+        in_flight,
         cancel,
     }))
 }

@@ -13,6 +13,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -31,7 +32,7 @@ use crate::protocol::{FrameHeader, PgError};
 use crate::server::ServerConn;
 use crate::session_params::ParamSet;
 use crate::statements::Statement;
-use crate::switch::Backend;
+use crate::switch::{Backend, InFlight};
 use crate::tls::{ClientStream, MaybeTls};
 
 /// Stop reading a side once this much is waiting to be written to the other.
@@ -47,6 +48,8 @@ pub struct Session {
     to_client: BytesMut,
     to_server: BytesMut,
     server: Option<Checkout>,
+    /// Counts this transaction (or session-mode session) for a cutover's drain.
+    in_flight: Option<InFlight>,
     backend: Arc<Backend>,
     pool: Arc<Pool>,
     pool_key: PoolKey,
@@ -61,6 +64,10 @@ pub struct Session {
     cancel: CancelKey,
     /// The server sent a FATAL error, which the client has been given.
     server_said_fatal: bool,
+    /// When the current transaction's first message was forwarded.
+    tx_started: Option<Instant>,
+    /// Queries forwarded in the current transaction, added to the metrics at its end.
+    queries: u64,
 }
 
 /// Which side closed.
@@ -78,6 +85,7 @@ impl Session {
             to_client: BytesMut::new(),
             to_server: BytesMut::new(),
             server: login.server,
+            in_flight: login.in_flight,
             backend: login.backend,
             pool: login.pool,
             pool_key: login.pool_key,
@@ -88,6 +96,8 @@ impl Session {
             pipeline: Pipeline::default(),
             cancel: login.cancel,
             server_said_fatal: false,
+            tx_started: None,
+            queries: 0,
         }
     }
 
@@ -98,6 +108,7 @@ impl Session {
             Ok(reason) => reason.to_owned(),
             Err(ClientError::Io(e)) => format!("client connection error: {e}"),
             Err(ClientError::Pg(e)) => {
+                self.app.metrics.count_error(e.code.class());
                 self.to_client.extend_from_slice(&e.to_bytes());
                 let _ = self.flush_client().await;
                 e.to_string()
@@ -127,6 +138,8 @@ impl Session {
 
     async fn serve(&mut self) -> Result<CloseReason, ClientError> {
         let mut shutdown = self.app.shutdown_signal();
+        let mut draining = self.app.switch.draining_signal();
+        let session_mode = self.mode == PoolMode::Session;
         loop {
             if self.server.is_none() && self.mode == PoolMode::Transaction {
                 self.answer_locally()?;
@@ -152,12 +165,25 @@ impl Session {
                 )
                 .into());
             }
+            if idle && session_mode && *draining.borrow() {
+                // A cutover is switching servers: the session's state can't
+                // follow, so it ends here, between transactions, and the
+                // client reconnects to the new side.
+                self.flush_client().await?;
+                return Err(PgError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection because pgswitch is switching database servers",
+                )
+                .with_hint("Reconnect: the new session runs on the new server.")
+                .into());
+            }
             if idle {
                 self.shrink_buffers();
             }
             let pumped = tokio::select! {
                 r = self.pump() => r,
                 _ = shutdown.changed(), if idle => continue,
+                _ = draining.changed(), if idle && session_mode => continue,
             };
             match pumped {
                 Ok(()) => {}
@@ -255,7 +281,7 @@ impl Session {
     /// follows a backend swap, and brings the server's session parameters in
     /// line with the client's.
     async fn attach(&mut self) -> Result<(), ClientError> {
-        self.app.switch.gate.pass().await;
+        let in_flight = self.app.switch.enter().await;
         let active = self.app.switch.active();
         if !Arc::ptr_eq(&active, &self.backend) {
             self.pool = self.app.pool_for(&active, &self.pool_key);
@@ -269,6 +295,7 @@ impl Session {
             secret: server.backend_secret,
         }));
         self.server = Some(server);
+        self.in_flight = Some(in_flight);
         Ok(())
     }
 
@@ -296,6 +323,7 @@ impl Session {
             return;
         }
         self.cancel.slot.set(None);
+        self.in_flight = None;
         if let Some(server) = self.server.take() {
             if std::mem::take(&mut self.pipeline.hidden_failed) {
                 drop(server); // its session state is unknown: close it
@@ -321,6 +349,12 @@ impl Session {
             if h.tag == frontend::TERMINATE {
                 terminated = true;
                 break;
+            }
+            if matches!(h.tag, frontend::QUERY | frontend::EXECUTE) {
+                self.queries += 1;
+            }
+            if self.tx_started.is_none() {
+                self.tx_started = Some(Instant::now());
             }
             if !transaction_mode {
                 self.to_server.extend_from_slice(frame);
@@ -378,8 +412,22 @@ impl Session {
                 if route == Route::Swallow {
                     tracing::warn!(code = %fields.code, message = %fields.message, "hidden parameter sync failed");
                     self.pipeline.note_hidden_error();
-                } else if fields.is_fatal() {
-                    self.server_said_fatal = true;
+                } else {
+                    self.app
+                        .metrics
+                        .count_error(fields.code.get(..2).unwrap_or("XX"));
+                    self.server_said_fatal |= fields.is_fatal();
+                }
+            }
+            if h.tag == backend::READY_FOR_QUERY && route == Route::Forward && *tx_status == b'I' {
+                // One transaction done: one atomic add per counter, not per message.
+                let metrics = &self.app.metrics;
+                metrics.transactions.inc();
+                metrics.queries.inc_by(std::mem::take(&mut self.queries));
+                if let Some(started) = self.tx_started.take() {
+                    metrics
+                        .transaction_seconds
+                        .observe(started.elapsed().as_secs_f64());
                 }
             }
             pos += h.len;

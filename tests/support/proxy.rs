@@ -14,6 +14,8 @@ use std::time::Instant;
 pub struct Proxy {
     /// Listen port (from `listen = "127.0.0.1:PORT"` in `[proxy]`).
     pub port: u16,
+    /// Admin API port (from `[admin] listen`, or a free port the harness added).
+    pub admin_port: u16,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     child: Option<Child>,
@@ -59,9 +61,11 @@ impl Proxy {
             .expect("create proxy temp dir")
             .keep();
         let config_path = dir.join("pgswitch.toml");
+        let (config_toml, admin_port) = with_admin_listen(config_toml, None);
         fs::write(&config_path, config_toml).expect("write proxy config");
         let mut p = Proxy {
             port,
+            admin_port,
             dir,
             config_path,
             child: None,
@@ -160,6 +164,7 @@ impl Proxy {
     /// Replaces the config file contents (then e.g. `signal(SIGHUP)`).
     pub fn rewrite_config(&self, config_toml: &str) {
         let tmp = self.dir.join("pgswitch.toml.new");
+        let (config_toml, _) = with_admin_listen(config_toml, Some(self.admin_port));
         fs::write(&tmp, config_toml).expect("write proxy config");
         fs::rename(&tmp, &self.config_path).expect("rename proxy config");
     }
@@ -233,6 +238,26 @@ impl Drop for Proxy {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Gives every proxy its own admin API port (the default, 9930, would clash
+/// between tests running in parallel): a config without an `[admin]` table gets
+/// one listening on `port` or a free port. Returns the config and the port.
+pub fn with_admin_listen(toml: &str, port: Option<u16>) -> (String, u16) {
+    if let Some(existing) = toml
+        .find("[admin]")
+        .and_then(|at| parse_listen_port(&toml[at..].replacen("[admin]", "[proxy]", 1)))
+    {
+        return (toml.to_owned(), existing);
+    }
+    if toml.contains("[admin]") {
+        return (toml.to_owned(), 9930);
+    }
+    let port = port.unwrap_or_else(free_port);
+    (
+        format!("{toml}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+        port,
+    )
 }
 
 /// Port of `listen = "HOST:PORT"` in the `[proxy]` table of a TOML string.

@@ -1,0 +1,104 @@
+//! The CLI's side of the admin API: `pgswitch status|cutover|fallback|pause|resume`.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("admin URL {0:?} must look like http://127.0.0.1:9930")]
+    Url(String),
+    #[error("cannot reach the admin API at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("admin API: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("admin API: {0}")]
+    Request(#[from] hyper::http::Error),
+}
+
+/// Sends one request and returns the HTTP status and the body.
+pub async fn call(
+    admin: &str,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, String), ClientError> {
+    let addr = admin
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+        .ok_or_else(|| ClientError::Url(admin.to_owned()))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, addr);
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        request = request.header(CONTENT_TYPE, "application/json");
+    }
+    let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// A report or status, readable by a person at 3 a.m.
+pub fn render(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    if let Some(outcome) = value.get("outcome").and_then(|v| v.as_str()) {
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or("switch");
+        let from = value.get("from").and_then(|v| v.as_str()).unwrap_or("?");
+        let to = value.get("to").and_then(|v| v.as_str()).unwrap_or("?");
+        out.push_str(&format!(
+            "{kind} {from} -> {to}: {}\n",
+            outcome.to_uppercase()
+        ));
+        if let Some(reason) = value.get("reason").and_then(|v| v.as_str()) {
+            out.push_str(&format!("  reason:            {reason}\n"));
+        }
+        if let Some(pause) = value.get("pause_ms").and_then(|v| v.as_f64()) {
+            out.push_str(&format!("  pause:             {pause:.1} ms\n"));
+        }
+        for key in ["target_lsn", "switch_lsn", "sequences_synced", "lag_bytes"] {
+            if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
+                out.push_str(&format!(
+                    "  {:<18} {}\n",
+                    format!("{}:", key.replace('_', " ")),
+                    v.to_string().trim_matches('"')
+                ));
+            }
+        }
+        if let Some(phases) = value.get("phases").and_then(|v| v.as_array()) {
+            out.push_str("  phases:\n");
+            for phase in phases {
+                let name = phase.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+                let ms = phase.get("ms").and_then(|v| v.as_f64()).unwrap_or(0.0);
+                out.push_str(&format!("    {name:<12} {ms:>9.1} ms\n"));
+            }
+        }
+        return out;
+    }
+    serde_json::to_string_pretty(value).unwrap_or_default()
+}

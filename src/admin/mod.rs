@@ -1,0 +1,170 @@
+//! The admin HTTP API (control plane): health, status, Prometheus metrics, and
+//! the manual gate (pause/resume). Every endpoint but `GET /health` requires
+//! `Authorization: Bearer <token>` when a token is configured; a non-loopback
+//! listen address without a token is refused at config load.
+
+pub mod client;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::cutover::{Direction, Options};
+use http_body_util::BodyExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on {addr} for the admin API: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Listen { addr, source })
+}
+
+/// Serves the admin API until the process ends.
+pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(route(&app, req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    if req.method() == Method::GET && path == "/health" {
+        return text(StatusCode::OK, "ok\n");
+    }
+    if !authorized(app, &req) {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": "missing or wrong bearer token"}),
+        );
+    }
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/status") => json_response(StatusCode::OK, &app.status_json()),
+        (&Method::GET, "/metrics") => {
+            let body = app.metrics.render(&app.metrics_snapshot());
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(
+                    CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"))
+        }
+        (&Method::POST, "/cutover") | (&Method::POST, "/fallback") => {
+            let direction = if path == "/cutover" {
+                Direction::Cutover
+            } else {
+                Direction::Fallback
+            };
+            let options = match read_options(req).await {
+                Ok(options) => options,
+                Err(message) => {
+                    return json_response(StatusCode::BAD_REQUEST, &json!({"error": message}))
+                }
+            };
+            let report = app.cutover.run(app, direction, options).await;
+            let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::CONFLICT);
+            json_response(status, &serde_json::to_value(&report).unwrap_or_default())
+        }
+        (&Method::GET, "/cutovers") => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(app.cutover.history()).unwrap_or_default(),
+        ),
+        (&Method::POST, "/pause") => {
+            app.pause();
+            json_response(StatusCode::OK, &app.status_json())
+        }
+        (&Method::POST, "/resume") => {
+            app.resume();
+            json_response(StatusCode::OK, &app.status_json())
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("no endpoint {path}")}),
+        ),
+    }
+}
+
+/// The optional JSON body of /cutover and /fallback.
+async fn read_options(req: Request<Incoming>) -> Result<Options, String> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Options::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("invalid JSON body: {e}"))
+}
+
+fn authorized(app: &App, req: &Request<Incoming>) -> bool {
+    let Some(expected) = app.admin_token() else {
+        return true; // loopback without a token: allowed by configuration
+    };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,664 @@
+//! The cutover state machine (control plane): moves all traffic from the
+//! active side to the other with a short pause, no client error and no lost
+//! committed write, and back again (fallback) the same way.
+//!
+//! Order of work: everything that can happen before the pause does (admin
+//! connections, the reverse direction's slot and subscription, warm server
+//! connections to the target); inside the pause only what must: drain,
+//! catch-up to an exact flushed LSN, sequences, the replication direction
+//! switch, fencing, then the swap and the state file (the commit point).
+//! Any failure before the commit point undoes what was done and resumes on
+//! the old side.
+
+pub mod report;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::app::App;
+use crate::config::{Config, DrainAction, Side};
+use crate::replication::{self, Fence, Lsn, ReverseNames};
+pub use report::{Outcome, Report};
+use state::PersistedState;
+
+/// Which way a switch goes: blue → green is a cutover, green → blue a fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Cutover,
+    Fallback,
+}
+
+impl Direction {
+    pub fn from(self) -> Side {
+        match self {
+            Direction::Cutover => Side::Blue,
+            Direction::Fallback => Side::Green,
+        }
+    }
+
+    pub fn to(self) -> Side {
+        self.from().other()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Cutover => "cutover",
+            Direction::Fallback => "fallback",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Why a switch stopped; the message goes into the report.
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Aborted(String),
+}
+
+impl From<replication::ReplicationError> for CutoverError {
+    fn from(e: replication::ReplicationError) -> Self {
+        CutoverError::Aborted(e.to_string())
+    }
+}
+
+/// Runs one switch at a time and keeps the history and the persisted state.
+pub struct Controller {
+    running: tokio::sync::Mutex<()>,
+    phase: Mutex<&'static str>,
+    history: Mutex<Vec<Report>>,
+    state: Mutex<PersistedState>,
+    state_file: Option<PathBuf>,
+}
+
+const HISTORY: usize = 100;
+
+impl Controller {
+    pub fn new(state: PersistedState, state_file: Option<PathBuf>) -> Controller {
+        Controller {
+            running: tokio::sync::Mutex::new(()),
+            phase: Mutex::new("idle"),
+            history: Mutex::new(Vec::new()),
+            state: Mutex::new(state),
+            state_file,
+        }
+    }
+
+    pub fn phase(&self) -> &'static str {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    pub fn history(&self) -> Vec<Report> {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Runs a cutover or fallback to its end and returns the report.
+    pub async fn run(&self, app: &App, direction: Direction, options: Options) -> Report {
+        let mut report = Report::new(
+            direction.name(),
+            direction.from(),
+            direction.to(),
+            options.dry_run,
+        );
+        let Ok(_running) = self.running.try_lock() else {
+            report.finish(
+                Outcome::Refused,
+                Some("another cutover or fallback is running".into()),
+            );
+            return self.record(app, report);
+        };
+        let config = app.config().clone();
+        let timeout =
+            Duration::from_millis(options.timeout_ms.unwrap_or(config.cutover.timeout_ms));
+        let mut run = Run {
+            app,
+            controller: self,
+            config: &config,
+            direction,
+            deadline: Instant::now() + timeout,
+            report: &mut report,
+            undo: Vec::new(),
+            paused_at: None,
+            conns: None,
+        };
+        let result = run.execute(options.dry_run).await;
+        let outcome = match result {
+            Ok(outcome) => (outcome, None),
+            Err(CutoverError::Refused(reason)) => (Outcome::Refused, Some(reason)),
+            Err(CutoverError::Aborted(reason)) => {
+                run.rollback().await;
+                (Outcome::Aborted, Some(reason))
+            }
+        };
+        run.resume();
+        self.set_phase("idle");
+        report.finish(outcome.0, outcome.1);
+        self.record(app, report)
+    }
+
+    fn record(&self, app: &App, report: Report) -> Report {
+        app.metrics
+            .cutovers
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: report.outcome.as_str(),
+            })
+            .inc();
+        for phase in &report.phases {
+            app.metrics
+                .cutover_phase_seconds
+                .get_or_create(&crate::metrics::PhaseLabels { phase: phase.name })
+                .observe(phase.ms / 1000.0);
+        }
+        if let Some(pause_ms) = report.pause_ms {
+            app.metrics.pause_seconds.observe(pause_ms / 1000.0);
+        }
+        tracing::info!(kind = report.kind, outcome = report.outcome.as_str(), from = %report.from, to = %report.to,
+            pause_ms = report.pause_ms, reason = report.reason.as_deref(), "switch finished");
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if history.len() == HISTORY {
+            history.remove(0);
+        }
+        history.push(report.clone());
+        report
+    }
+
+    pub fn persisted(&self) -> PersistedState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What to undo on abort, most recent last.
+enum Undo {
+    Fenced { side: Side, fence: Fence },
+    Unfenced { side: Side, roles: Vec<String> },
+    ReverseActivated,
+    ForwardRestored,
+}
+
+/// Admin connections to both sides, opened before the pause.
+struct Conns {
+    from: Client,
+    to: Client,
+}
+
+struct Run<'a> {
+    app: &'a App,
+    controller: &'a Controller,
+    config: &'a Config,
+    direction: Direction,
+    deadline: Instant,
+    report: &'a mut Report,
+    undo: Vec<Undo>,
+    paused_at: Option<Instant>,
+    conns: Option<Conns>,
+}
+
+/// Runs one phase of a switch under the cutover's deadline, shows it as the
+/// current phase in /status, and records its duration in the report.
+async fn timed<T>(
+    controller: &Controller,
+    deadline: Instant,
+    name: &'static str,
+    work: impl std::future::Future<Output = Result<T, CutoverError>>,
+) -> (Result<T, CutoverError>, Duration) {
+    controller.set_phase(name);
+    let started = Instant::now();
+    let result = match tokio::time::timeout(deadline.saturating_duration_since(started), work).await
+    {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(CutoverError::Aborted(m))) => Err(CutoverError::Aborted(format!("{name}: {m}"))),
+        Ok(Err(refused)) => Err(refused),
+        Err(_) => Err(CutoverError::Aborted(format!(
+            "{name}: the cutover timeout ran out"
+        ))),
+    };
+    (result, started.elapsed())
+}
+
+/// `phase!(run, "name", future)`: [`timed`], then the duration into the report.
+macro_rules! phase {
+    ($run:expr, $name:literal, $work:expr) => {{
+        let (result, took) = timed($run.controller, $run.deadline, $name, $work).await;
+        $run.report.phase($name, took);
+        result?
+    }};
+}
+
+/// Names of the replication that carries writes toward `direction.to()`.
+struct Stream<'c> {
+    /// Slot on the side we leave (the publisher).
+    slot: &'c str,
+    /// Subscription on the side we go to.
+    subscription: &'c str,
+}
+
+impl Run<'_> {
+    fn reverse_names(&self) -> ReverseNames {
+        // The old side's apply worker reaches the new side (green) with
+        // green's admin credentials.
+        let green = self.config.backends.green.as_ref();
+        let conninfo = green
+            .map(|g| {
+                let (user, password) = g.admin_credentials().unwrap_or_default();
+                format!(
+                    "host={} port={} user={} password={} dbname={}",
+                    g.host,
+                    g.port,
+                    conninfo_value(&user),
+                    conninfo_value(&password),
+                    conninfo_value(&self.config.replication.database)
+                )
+            })
+            .unwrap_or_default();
+        ReverseNames::new(conninfo)
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    fn conns(&self) -> Result<&Conns, CutoverError> {
+        self.conns
+            .as_ref()
+            .ok_or_else(|| CutoverError::Aborted("admin connections are not open".into()))
+    }
+
+    fn conn(&self, side: Side) -> Result<&Client, CutoverError> {
+        let conns = self.conns()?;
+        Ok(if side == self.direction.from() {
+            &conns.from
+        } else {
+            &conns.to
+        })
+    }
+
+    async fn execute(&mut self, dry_run: bool) -> Result<Outcome, CutoverError> {
+        let (from, to) = (self.direction.from(), self.direction.to());
+        let active = self.app.switch.active().side;
+        if active != from {
+            return Err(CutoverError::Refused(format!("{active} is already active")));
+        }
+        let Some(target) = self.app.backend(to) else {
+            return Err(CutoverError::Refused(format!(
+                "[backends.{to}] is not configured"
+            )));
+        };
+        let replication = self.config.replication.clone();
+        let names = self.reverse_names();
+        let stream = match self.direction {
+            Direction::Cutover => Stream {
+                slot: replication.slot(),
+                subscription: &replication.subscription,
+            },
+            Direction::Fallback => Stream {
+                slot: &names.slot,
+                subscription: &names.subscription,
+            },
+        };
+
+        // 1. Preflight: no effect on traffic.
+        let conns = phase!(self, "preflight", self.preflight(&stream));
+        self.conns = Some(conns);
+        self.report.lag_bytes = self.preflight_lag(&stream).await.ok();
+
+        // Before the pause: the reverse direction's slot and subscription, and
+        // warm server connections on the target.
+        if self.direction == Direction::Cutover
+            && self.config.cutover.reverse_replication
+            && !dry_run
+        {
+            let conns = self.conns()?;
+            let prepare = replication::prepare_reverse(&conns.to, &conns.from, &names);
+            phase!(self, "prepare", async {
+                prepare.await.map_err(CutoverError::from)
+            });
+        }
+        let warm = async {
+            self.warm_target(&target).await;
+            Ok(())
+        };
+        phase!(self, "warm", warm);
+
+        // 2. Pause.
+        self.app.switch.set_draining(true);
+        self.app.switch.gate.close();
+        self.paused_at = Some(Instant::now());
+
+        // 3. Drain.
+        let drain = self.drain();
+        phase!(self, "drain", drain);
+
+        // 4. Catch up to an exact, flushed LSN.
+        let conns = self.conns()?;
+        let catch_up = async {
+            let lsn = replication::flush_and_mark(&conns.from).await?;
+            replication::wait_applied(
+                &conns.from,
+                stream.slot,
+                &conns.to,
+                stream.subscription,
+                lsn,
+                self.remaining(),
+            )
+            .await?;
+            Ok::<Lsn, CutoverError>(lsn)
+        };
+        let target_lsn = phase!(self, "catch_up", catch_up);
+        self.report.target_lsn = Some(target_lsn.to_string());
+        if dry_run {
+            return Ok(Outcome::DryRun);
+        }
+
+        // 5. Sequences.
+        if self.config.cutover.sync_sequences {
+            let conns = self.conns()?;
+            let sync = async { Ok(replication::sync_sequences(&conns.from, &conns.to).await?) };
+            self.report.sequences_synced = phase!(self, "sequences", sync);
+        }
+
+        // 6. The replication direction, from exactly this point.
+        let switch_lsn = match self.direction {
+            Direction::Cutover if self.config.cutover.reverse_replication => {
+                let conns = self.conns()?;
+                let work = replication::activate_reverse(
+                    &conns.to,
+                    &conns.from,
+                    &replication.subscription,
+                    &names,
+                    self.remaining(),
+                );
+                let point = phase!(self, "reverse", async { Ok(work.await?) });
+                self.undo.push(Undo::ReverseActivated);
+                Some(point.lsn)
+            }
+            Direction::Cutover => None,
+            Direction::Fallback => {
+                let conns = self.conns()?;
+                // The forward direction (blue → green) restarts after the switch point.
+                let work = replication::restore_forward(
+                    &conns.to,
+                    &conns.from,
+                    &replication.subscription,
+                    &names,
+                    self.remaining(),
+                );
+                let point = phase!(self, "reverse", async { Ok(work.await?) });
+                self.undo.push(Undo::ForwardRestored);
+                Some(point.lsn)
+            }
+        };
+        self.report.switch_lsn = switch_lsn.map(|l| l.to_string());
+
+        // 7. Fence the old side; lift an earlier fence on the new one.
+        let mut state = self.controller.persisted();
+        let roles = self.config.application_roles();
+        if let Some(old_fence) = state.fences.remove(to.as_str()) {
+            let conn = self.conn(to)?;
+            let work = async { Ok(replication::unfence(conn, &old_fence).await?) };
+            phase!(self, "unfence", work);
+            self.undo.push(Undo::Unfenced {
+                side: to,
+                roles: old_fence.roles.iter().map(|r| r.role.clone()).collect(),
+            });
+        }
+        if self.config.cutover.fence_old && !roles.is_empty() {
+            let conn = self.conn(from)?;
+            let work = async { Ok(replication::fence(conn, &roles).await?) };
+            let fence = phase!(self, "fence", work);
+            state.fences.insert(from.as_str().to_owned(), fence.clone());
+            self.undo.push(Undo::Fenced { side: from, fence });
+        }
+
+        // 8. Persist, then swap: the commit point.
+        state.active = to;
+        state.switch_lsn = self.report.switch_lsn.clone();
+        let persist = async {
+            if let Some(path) = &self.controller.state_file {
+                state::store(path, &state).map_err(|e| CutoverError::Aborted(e.to_string()))?;
+            }
+            Ok(())
+        };
+        phase!(self, "persist", persist);
+        *self
+            .controller
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = state;
+        self.app.switch.swap(target);
+        self.undo.clear();
+        Ok(Outcome::Switched)
+    }
+
+    async fn preflight(&self, stream: &Stream<'_>) -> Result<Conns, CutoverError> {
+        let connect = |side: Side| async move {
+            let backend = self.config.backends.get(side).ok_or_else(|| {
+                CutoverError::Refused(format!("[backends.{side}] is not configured"))
+            })?;
+            let (user, password) = backend.admin_credentials().ok_or_else(|| {
+                CutoverError::Refused(format!("backends.{side}.admin_user is not configured"))
+            })?;
+            replication::connect(
+                &backend.host,
+                backend.port,
+                &user,
+                &password,
+                &self.config.replication.database,
+                self.remaining(),
+            )
+            .await
+            .map_err(|e| CutoverError::Refused(format!("{side} does not answer: {e}")))
+        };
+        let (from, to) =
+            tokio::try_join!(connect(self.direction.from()), connect(self.direction.to()))?;
+        let status = replication::subscription_status(&to, stream.subscription)
+            .await
+            .map_err(|e| CutoverError::Refused(e.to_string()))?;
+        let to_side = self.direction.to();
+        if !status.exists {
+            return Err(CutoverError::Refused(format!(
+                "subscription {:?} does not exist on {to_side}",
+                stream.subscription
+            )));
+        }
+        if !status.enabled || !status.streaming {
+            return Err(CutoverError::Refused(format!(
+                "subscription {:?} on {to_side} is not streaming (enabled: {}, worker running: {})",
+                stream.subscription, status.enabled, status.streaming
+            )));
+        }
+        if status.tables_not_ready > 0 {
+            return Err(CutoverError::Refused(format!(
+                "subscription {:?} on {to_side} still copies {} table(s)",
+                stream.subscription, status.tables_not_ready
+            )));
+        }
+        let lag = replication::replication_lag(&from, stream.slot)
+            .await
+            .map_err(|e| CutoverError::Refused(e.to_string()))?;
+        let max = self.config.cutover.max_lag_bytes_to_start;
+        if lag.bytes > max {
+            return Err(CutoverError::Refused(format!(
+                "{to_side} lags {} bytes behind, more than max_lag_bytes_to_start ({max})",
+                lag.bytes
+            )));
+        }
+        Ok(Conns { from, to })
+    }
+
+    async fn preflight_lag(&self, stream: &Stream<'_>) -> Result<u64, CutoverError> {
+        let conns = self.conns()?;
+        Ok(replication::replication_lag(&conns.from, stream.slot)
+            .await?
+            .bytes)
+    }
+
+    /// Opens server connections on the target ahead of the pause, as many as
+    /// each pool has open on the old side, so held transactions don't wait
+    /// for logins after the swap.
+    async fn warm_target(&self, target: &crate::switch::Backend) {
+        for pool in self.app.switch.active().pools() {
+            let want = pool.stats().open;
+            let new_pool = self.app.pool_for(target, &pool.key);
+            let missing = want.saturating_sub(new_pool.stats().open);
+            for _ in 0..missing {
+                if let Err(e) = new_pool.add_idle().await {
+                    tracing::warn!(pool = %pool.key, error = %e, "could not warm a connection on the target");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Waits until no transaction is in flight on the old side.
+    async fn drain(&self) -> Result<(), CutoverError> {
+        let drain_timeout = Duration::from_millis(self.config.cutover.drain_timeout_ms);
+        if self.wait_drained(drain_timeout).await {
+            return Ok(());
+        }
+        match self.config.cutover.drain_action {
+            DrainAction::Abort => Err(CutoverError::Aborted(format!(
+                "{} transaction(s) still running after drain_timeout_ms ({})",
+                self.app.switch.in_flight(),
+                drain_timeout.as_millis()
+            ))),
+            DrainAction::Cancel => {
+                let old = self.app.switch.active();
+                let cancelled = self.app.cancels.cancel_all_on(&old.addr).await;
+                tracing::warn!(
+                    cancelled,
+                    "drain timeout: cancelled running queries on the old side"
+                );
+                if self.wait_drained(self.remaining()).await {
+                    Ok(())
+                } else {
+                    Err(CutoverError::Aborted(
+                        "transactions still running after cancel".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn wait_drained(&self, within: Duration) -> bool {
+        let until = Instant::now() + within.min(self.remaining());
+        loop {
+            if self.app.switch.in_flight() == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Undoes, newest first, what an aborted switch did.
+    async fn rollback(&mut self) {
+        let names = self.reverse_names();
+        let subscription = self.config.replication.subscription.clone();
+        let timeout =
+            Duration::from_millis(self.config.cutover.timeout_ms).max(Duration::from_secs(5));
+        let mut failures = Vec::new();
+        while let Some(step) = self.undo.pop() {
+            let result = match (&step, self.conns.as_ref()) {
+                (_, None) => Ok(()),
+                (Undo::Fenced { side, fence }, Some(_)) => match self.conn(*side) {
+                    Ok(conn) => replication::unfence(conn, fence).await.map(|_| ()),
+                    Err(_) => Ok(()),
+                },
+                (Undo::Unfenced { side, roles }, Some(_)) => match self.conn(*side) {
+                    Ok(conn) => replication::fence(conn, roles).await.map(|fence| {
+                        let mut state = self
+                            .controller
+                            .state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        state.fences.insert(side.as_str().to_owned(), fence);
+                    }),
+                    Err(_) => Ok(()),
+                },
+                (Undo::ReverseActivated, Some(c)) => {
+                    replication::undo_activate_reverse(
+                        &c.to,
+                        &c.from,
+                        &subscription,
+                        &names,
+                        timeout,
+                    )
+                    .await
+                }
+                (Undo::ForwardRestored, Some(c)) => {
+                    replication::undo_restore_forward(
+                        &c.to,
+                        &c.from,
+                        &subscription,
+                        &names,
+                        timeout,
+                    )
+                    .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "undo step failed; check replication by hand");
+                failures.push(e.to_string());
+            }
+        }
+        if !failures.is_empty() {
+            self.report.undo_failures = failures;
+        }
+    }
+
+    /// Opens the gate: held transactions run (on the new side after a swap).
+    fn resume(&mut self) {
+        if let Some(paused_at) = self.paused_at.take() {
+            self.app.switch.set_draining(false);
+            self.app.switch.gate.open();
+            self.report.pause_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+        }
+        if self.report_switched() {
+            // Old-side connections are closed once idle; busy ones end with
+            // their sessions.
+            if let Some(old) = self.app.backend(self.direction.from()) {
+                for pool in old.pools() {
+                    pool.close_idle();
+                }
+            }
+        }
+    }
+
+    fn report_switched(&self) -> bool {
+        self.app.switch.active().side == self.direction.to()
+    }
+}
+
+/// A value for a libpq connection string, quoted when it needs to be.
+fn conninfo_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        v.to_owned()
+    } else {
+        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}

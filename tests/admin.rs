@@ -1,0 +1,211 @@
+//! The admin API: health, auth, status, metrics, pause/resume — against a real
+//! PostgreSQL through a real pgswitch.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "s3cret-admin-token";
+
+/// One HTTP/1.1 request over a fresh connection; returns (status, body).
+async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect admin");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn start(pg: &PgServer, admin_extra: &str) -> Proxy {
+    let port = free_port();
+    let admin_port = free_port();
+    Proxy::start(&format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:{port}"
+default_pool_size = 2
+[backends.blue]
+host = "127.0.0.1"
+port = {pg_port}
+[[users]]
+name = "app"
+password = "secret"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+{admin_extra}
+"#,
+        pg_port = pg.port
+    ))
+}
+
+async fn client(proxy: &Proxy) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password=secret dbname=postgres",
+            proxy.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect through pgswitch");
+    tokio::spawn(conn);
+    client
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_open_and_everything_else_needs_the_token() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user("app", "secret");
+    let proxy = start(&pg, &format!("token = \"{TOKEN}\""));
+    assert_eq!(http(proxy.admin_port, "GET", "/health", None).await.0, 200);
+    for (method, path) in [
+        ("GET", "/status"),
+        ("GET", "/metrics"),
+        ("POST", "/pause"),
+        ("POST", "/resume"),
+    ] {
+        assert_eq!(
+            http(proxy.admin_port, method, path, None).await.0,
+            401,
+            "{method} {path}"
+        );
+        assert_eq!(
+            http(proxy.admin_port, method, path, Some("wrong")).await.0,
+            401,
+            "{method} {path}"
+        );
+    }
+    let (status, body) = http(proxy.admin_port, "GET", "/status", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["active"], "blue");
+    assert_eq!(json["paused"], false);
+    assert!(
+        !proxy.logs().contains(TOKEN),
+        "the token must not be logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_transactions_errors_and_connections() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user("app", "secret");
+    let proxy = start(&pg, "");
+    let before = http(proxy.admin_port, "GET", "/metrics", None).await.1;
+    let c = client(&proxy).await;
+    for _ in 0..10 {
+        c.simple_query("select 1").await.unwrap();
+    }
+    let err = c.simple_query("select 1/0").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"));
+    let (status, after) = http(proxy.admin_port, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    let delta = metric(&after, "pgswitch_transactions_total")
+        - metric(&before, "pgswitch_transactions_total");
+    assert!(delta >= 11.0, "transactions grew by {delta}\n{after}");
+    assert!(metric(&after, "pgswitch_queries_total") >= 11.0, "{after}");
+    assert_eq!(
+        metric(&after, "pgswitch_errors_total{class=\"22\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "pgswitch_clients{state=\"idle\"}"),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        metric(
+            &after,
+            "pgswitch_server_connections{backend=\"blue\",state=\"idle\"}"
+        ) >= 1.0
+    );
+    assert!(
+        metric(&after, "pgswitch_transaction_duration_seconds_count") >= 11.0,
+        "{after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_until_resume() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user("app", "secret");
+    let proxy = start(&pg, "");
+    let c = client(&proxy).await;
+    c.simple_query("select 1").await.unwrap();
+    let (status, body) = http(proxy.admin_port, "POST", "/pause", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"paused\":true"), "{body}");
+    let held = tokio::spawn(async move {
+        let started = Instant::now();
+        c.simple_query("select 42").await.map(|_| started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held.is_finished(),
+        "a new transaction must wait at the gate while paused"
+    );
+    let (status, body) = http(proxy.admin_port, "POST", "/resume", None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"paused\":false"), "{body}");
+    let waited = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("resumed transaction finishes")
+        .unwrap()
+        .expect("no error for a held transaction");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "it was held: {waited:?}"
+    );
+    let metrics = http(proxy.admin_port, "GET", "/metrics", None).await.1;
+    assert_eq!(
+        metric(&metrics, "pgswitch_pause_duration_seconds_count"),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn non_loopback_admin_without_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\n[backends.blue]\nhost = \"127.0.0.1\"\n[admin]\nlisten = \"0.0.0.0:9930\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("admin.token"), "{stderr}");
+}
