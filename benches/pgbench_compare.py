@@ -184,6 +184,12 @@ def other_cpu_pct(before, after):
     return max(0.0, 100.0 * ((b1 - b0) - (o1 - o0)) / capacity)
 
 
+def cmd_disturbed(a):
+    """exit 0 if the (single) record in the file was disturbed by other processes"""
+    recs = load(a.file)
+    return 0 if recs and disturbed(recs[-1]) else 1
+
+
 def cmd_mark(a):
     rec = {"workload": a.workload, "target": a.target, "status": a.status, "note": a.note}
     with open(a.results, "a") as f:
@@ -244,6 +250,7 @@ def summarize(records):
                         for r in sorted(ok, key=lambda r: r["round"])
                     ],
                     p99_rounds=[r["p99_ms"] for r in sorted(ok, key=lambda r: r["round"])],
+                    other_rounds=[r.get("other_cpu_pct") for r in sorted(ok, key=lambda r: r["round"])],
                     failed=sum(r.get("failed", 0) for r in ok),
                 )
             elif marks:
@@ -333,15 +340,16 @@ def render(records, memory, meta):
                                    fail_if_err(rd, rd is not None and rd >= TPS_VS_DIRECT_MIN_SELECT)))
         out.append("")
         out.append("Per-round tps (round order rotates the targets):\n")
-        out.append("| workload | target | tps by round | p99 ms by round |")
-        out.append("|---|---|---|---|")
+        out.append("| workload | target | tps by round | p99 ms by round | other processes' CPU % by round |")
+        out.append("|---|---|---|---|---|")
         for w, wname in WORKLOADS:
             for t, tname in TARGETS:
                 c = cells.get((w, t))
                 if c and c["status"] == "ok":
                     out.append(
                         f"| {wname} | {tname} | {', '.join(c['tps_rounds_fmt'])} | "
-                        f"{', '.join(f'{v:.2f}' for v in c['p99_rounds'])} |"
+                        f"{', '.join(f'{v:.2f}' for v in c['p99_rounds'])} | "
+                        f"{', '.join('?' if v is None else f'{v:.0f}' for v in c['other_rounds'])} |"
                     )
         errs = [(w, t, c["error_note"]) for (w, t), c in cells.items() if c.get("error_note")]
         if errs:
@@ -413,6 +421,9 @@ def main():
     p = sub.add_parser("cpu-snapshot")
     p.add_argument("pids", type=int, nargs="*")
     p.set_defaults(fn=cmd_cpu_snapshot)
+    p = sub.add_parser("disturbed")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_disturbed)
     p = sub.add_parser("mark")
     p.add_argument("--workload", required=True)
     p.add_argument("--target", required=True)

@@ -11,6 +11,8 @@
 #   BENCH_WORKLOADS ["select select-extended select-prepared tpcb"]
 #   BENCH_WARMUP [3]    seconds of unrecorded warm-up per target
 #   BENCH_IDLE_CLIENTS [10000]  idle clients for the memory test
+#   BENCH_RETRIES [2]   repeats of a run in which other processes took >10% of the CPUs
+#   BENCH_QUIET_WAIT [60]  seconds to wait for an idle machine before such a repeat
 #   PGSWITCH_BIN [target/release/pgswitch]   PG_BINDIR [/usr/lib/postgresql/15/bin]
 #   BENCH_KEEP=1        keep the temp dir (logs, configs) after exit
 set -euo pipefail
@@ -26,7 +28,7 @@ for arg in "$@"; do
         all|throughput|memory) MODE=$arg ;;
         --skip-pgswitch) SKIP_PGSWITCH=1 ;;
         --no-save) SAVE=0 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,6 +42,8 @@ POOL=${BENCH_POOL_SIZE:-20}
 WARMUP=${BENCH_WARMUP:-3}
 IDLE=${BENCH_IDLE_CLIENTS:-10000}
 WORKLOADS=${BENCH_WORKLOADS:-"select select-extended select-prepared tpcb"}
+RETRIES=${BENCH_RETRIES:-2}         # repeats of a run disturbed by other processes
+QUIET_WAIT=${BENCH_QUIET_WAIT:-60}  # seconds to wait for a quiet machine before a repeat
 PGSWITCH_BIN=${PGSWITCH_BIN:-$ROOT/target/release/pgswitch}
 PG_BINDIR=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 [ -x "$PG_BINDIR/pg_ctl" ] || PG_BINDIR=$(dirname "$(command -v pg_ctl)")
@@ -320,30 +324,50 @@ target_port() {
     esac
 }
 
+wait_quiet() {  # wait (at most BENCH_QUIET_WAIT s) until other processes leave the CPUs idle
+    local waited=0 busy
+    while [ "$waited" -lt "$QUIET_WAIT" ]; do
+        busy=$(cpu_busy_pct 1)
+        [ "$busy" -le 10 ] && return 0
+        waited=$((waited + 1))
+    done
+    log "    machine still ${busy}% busy after ${QUIET_WAIT}s; going on"
+}
+
 run_pgbench() {  # target workload round secs [record]
-    local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags snap0 snap1
+    local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags snap0 snap1 attempt
     port=$(target_port "$t")
     flags=$(workload_flags "$w")
     dir="$LOGDIR/$w-$t-$r"
-    mkdir -p "$dir"
-    # CPU used by everything outside our process trees during the run = interference.
-    snap0=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
-    set +e
-    # shellcheck disable=SC2086
-    # --foreground keeps pgbench in our process group so Ctrl-C stops it at once.
-    PGPASSWORD=bench timeout --foreground -s INT $((secs + 120)) "$PG_BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U bench \
-        -n -c "$CLIENTS" -j "$JOBS" -T "$secs" -l --log-prefix="$dir/tx" $flags bench \
-        >"$dir/out" 2>"$dir/out.err"
-    rc=$?
-    set -e
-    snap1=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
-    if [ "$rc" -ge 128 ] && [ "$rc" != 255 ]; then log "pgbench killed by a signal (rc $rc)"; exit 130; fi
-    if [ "$record" = 1 ]; then
+    for attempt in $(seq 0 "$RETRIES"); do
+        rm -rf "$dir"; mkdir -p "$dir"
+        # CPU used by everything outside our process trees during the run = interference.
+        snap0=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
+        set +e
+        # --foreground keeps pgbench in our process group so Ctrl-C stops it at once.
+        # shellcheck disable=SC2086
+        PGPASSWORD=bench timeout --foreground -s INT $((secs + 120)) "$PG_BINDIR/pgbench" -h 127.0.0.1 \
+            -p "$port" -U bench -n -c "$CLIENTS" -j "$JOBS" -T "$secs" -l --log-prefix="$dir/tx" $flags bench \
+            >"$dir/out" 2>"$dir/out.err"
+        rc=$?
+        set -e
+        snap1=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
+        if [ "$rc" -ge 128 ] && [ "$rc" != 255 ]; then log "pgbench killed by a signal (rc $rc)"; exit 130; fi
+        if [ "$record" != 1 ]; then
+            [ "$rc" = 0 ] || log "warm-up through $t failed (rc $rc): $(tail -1 "$dir/out.err")"
+            break
+        fi
         $COMPARE parse --log-prefix "$dir/tx" --stdout "$dir/out" --rc "$rc" --workload "$w" --target "$t" \
-            --round "$r" --cpu-before "$snap0" --cpu-after "$snap1" --results "$RESULTS" >&2
-    elif [ "$rc" != 0 ]; then
-        log "warm-up through $t failed (rc $rc): $(tail -1 "$dir/out.err")"
-    fi
+            --round "$r" --cpu-before "$snap0" --cpu-after "$snap1" --results "$dir/rec.jsonl" >&2
+        # A run disturbed by other work on the machine is repeated once it is quiet again.
+        if [ "$attempt" -lt "$RETRIES" ] && $COMPARE disturbed "$dir/rec.jsonl"; then
+            log "    disturbed by other processes: waiting for a quiet machine, then repeating (retry $((attempt + 1))/$RETRIES)"
+            wait_quiet
+            continue
+        fi
+        cat "$dir/rec.jsonl" >>"$RESULTS"
+        break
+    done
     [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$dir"
     return 0
 }
