@@ -247,12 +247,13 @@ EOF
 # ---------------------------------------------------------------- pgswitch
 # Returns 1 (with a reason on stderr) if pgswitch is missing or does not work.
 start_pgswitch() {  # name auth(scram-sha-256|trust)
-    local name=$1 auth=$2 port pid
+    local name=$1 auth=$2 port pid admin_port
     if [ ! -x "$PGSWITCH_BIN" ]; then
         log "pgswitch: $PGSWITCH_BIN not built (cargo build --release); skipping pgswitch"
         return 1
     fi
     port=$(free_port 17432)
+    admin_port=$(free_port 19930)
     cat >"$WORK/$name.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$port"
@@ -273,6 +274,9 @@ port = $PGPORT
 
 [cutover]
 active = "blue"
+
+[admin]
+listen = "127.0.0.1:$admin_port"
 
 [[users]]
 name = "bench"

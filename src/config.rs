@@ -86,6 +86,8 @@ pub struct ProxyConfig {
     pub prepared_statements_per_server: usize,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Threads serving clients; 0 means one per CPU core.
+    pub worker_threads: usize,
     /// Looks up users missing from `[[users]]` on the active backend; enabled
     /// by `auth_user`. Defaults to [`DEFAULT_AUTH_QUERY`].
     pub auth_query: Option<String>,
@@ -126,6 +128,7 @@ impl Default for ProxyConfig {
             prepared_statements_per_server: 500,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            worker_threads: 0,
             auth_query: None,
             auth_user: None,
             auth_password: None,

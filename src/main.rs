@@ -133,6 +133,16 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// The proxy's runtime: `worker_threads` threads, or one per core.
+fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -173,10 +183,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime_builder(config.proxy.worker_threads).build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("pgswitch: cannot start the runtime: {e}");

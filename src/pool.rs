@@ -158,7 +158,9 @@ impl Pool {
         };
         let conn = match self.take_idle(&settings) {
             Some(conn) => conn,
-            None => self.connect(&settings).await?,
+            // Boxed: connecting (TLS, SCRAM) is a large future that is rarely
+            // live; every client's task would otherwise reserve room for it.
+            None => Box::pin(self.connect(&settings)).await?,
         };
         self.active.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout {

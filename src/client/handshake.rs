@@ -39,7 +39,9 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     };
     let tls = app.client_tls();
     let (mut conn, failure) =
-        match tokio::time::timeout_at(deadline, open(&tls, ClientConn::new(stream))).await {
+        // The login futures are boxed: they are large and short-lived, and an
+        // idle client should only keep the session's own state.
+        match tokio::time::timeout_at(deadline, Box::pin(open(&tls, ClientConn::new(stream)))).await {
             Ok(Ok(conn)) => (Some(conn), None),
             Ok(Err((conn, e))) => (conn, Some(e)),
             // Still plaintext or mid-handshake: nobody to tell.
@@ -47,7 +49,9 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
         };
     let failure = match (conn.as_mut(), failure) {
         (Some(conn), None) => {
-            match tokio::time::timeout_at(deadline, login(&app, &tls, conn, id, peer)).await {
+            match tokio::time::timeout_at(deadline, Box::pin(login(&app, &tls, conn, id, peer)))
+                .await
+            {
                 Ok(Ok(None)) => return, // a cancel request: nothing to log per connection
                 Ok(Ok(Some(established))) => Ok(established),
                 Ok(Err(e)) => Err(e),
@@ -63,7 +67,7 @@ pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
             let conn = conn.unwrap_or_else(|| unreachable!("logged in without a connection"));
             let key = established.pool_key.clone();
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, "client connected");
-            let reason = Session::new(app, conn, established).run().await;
+            let reason = Box::pin(Session::new(app, conn, established).run()).await;
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, duration_ms, %reason, "client closed");
             return;

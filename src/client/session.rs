@@ -114,7 +114,7 @@ impl Session {
                 e.to_string()
             }
         };
-        self.return_session_server().await;
+        Box::pin(self.return_session_server()).await;
         reason
     }
 
@@ -188,7 +188,7 @@ impl Session {
             match pumped {
                 Ok(()) => {}
                 Err(Closed::Client) => return Ok("client disconnected"),
-                Err(Closed::Server(e)) => return self.server_lost(e).await,
+                Err(Closed::Server(e)) => return Box::pin(self.server_lost(e)).await,
             }
             if self.server.is_some() {
                 self.relay_server_frames()?;

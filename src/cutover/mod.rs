@@ -333,6 +333,28 @@ impl Run<'_> {
                 prepare.await.map_err(CutoverError::from)
             });
         }
+        // Lift an earlier fence on the side we go to before warming server
+        // connections there: a session that starts while its role is fenced
+        // is read-only, and unfence ends such sessions, so connections warmed
+        // first would be killed under the transactions held at the gate
+        // (client errors right after the swap). A fence on the side that is
+        // about to become active guards nothing worth the risk; an abort
+        // puts it back. Idle pooled connections to the target may predate the
+        // unfence (a dry run warms a fenced side): they are closed.
+        if !dry_run {
+            if let Some(old_fence) = self.controller.persisted().fences.get(to.as_str()).cloned() {
+                let conn = self.conn(to)?;
+                let work = async { Ok(replication::unfence(conn, &old_fence).await?) };
+                phase!(self, "unfence", work);
+                self.undo.push(Undo::Unfenced {
+                    side: to,
+                    roles: old_fence.roles.iter().map(|r| r.role.clone()).collect(),
+                });
+                for pool in target.pools() {
+                    pool.close_idle();
+                }
+            }
+        }
         let warm = async {
             self.warm_target(&target).await;
             Ok(())
@@ -409,18 +431,11 @@ impl Run<'_> {
         };
         self.report.switch_lsn = switch_lsn.map(|l| l.to_string());
 
-        // 7. Fence the old side; lift an earlier fence on the new one.
+        // 7. Fence the old side (the new one's earlier fence was lifted
+        // before the pause).
         let mut state = self.controller.persisted();
         let roles = self.config.application_roles();
-        if let Some(old_fence) = state.fences.remove(to.as_str()) {
-            let conn = self.conn(to)?;
-            let work = async { Ok(replication::unfence(conn, &old_fence).await?) };
-            phase!(self, "unfence", work);
-            self.undo.push(Undo::Unfenced {
-                side: to,
-                roles: old_fence.roles.iter().map(|r| r.role.clone()).collect(),
-            });
-        }
+        state.fences.remove(to.as_str());
         if self.config.cutover.fence_old && !roles.is_empty() {
             let conn = self.conn(from)?;
             let work = async { Ok(replication::fence(conn, &roles).await?) };
@@ -515,18 +530,51 @@ impl Run<'_> {
     /// Opens server connections on the target ahead of the pause, as many as
     /// each pool has open on the old side, so held transactions don't wait
     /// for logins after the swap.
+    ///
+    /// Best effort, all logins at once (one after the other, a login each
+    /// costs its round trips and the SCRAM key derivation), and within half
+    /// of the time left: a connection not warmed is opened on demand after
+    /// the swap, which is slower but no reason to abort the cutover, and
+    /// the pause needs the rest of the time.
     async fn warm_target(&self, target: &crate::switch::Backend) {
+        let mut opening = tokio::task::JoinSet::new();
         for pool in self.app.switch.active().pools() {
             let want = pool.stats().open;
             let new_pool = self.app.pool_for(target, &pool.key);
             let missing = want.saturating_sub(new_pool.stats().open);
             for _ in 0..missing {
-                if let Err(e) = new_pool.add_idle().await {
-                    tracing::warn!(pool = %pool.key, error = %e, "could not warm a connection on the target");
-                    break;
-                }
+                let new_pool = new_pool.clone();
+                opening.spawn(async move {
+                    new_pool
+                        .add_idle()
+                        .await
+                        .map_err(|e| (new_pool.key.to_string(), e))
+                });
             }
         }
+        let total = opening.len();
+        let budget = self.remaining() / 2;
+        let mut opened = 0;
+        let all = async {
+            while let Some(done) = opening.join_next().await {
+                match done {
+                    Ok(Ok(())) => opened += 1,
+                    Ok(Err((pool, e))) => {
+                        tracing::warn!(%pool, error = %e, "could not warm a connection on the target")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "warming task failed"),
+                }
+            }
+        };
+        if tokio::time::timeout(budget, all).await.is_err() {
+            tracing::warn!(
+                opened,
+                total,
+                ?budget,
+                "warming the target took too long; the rest open on demand after the swap"
+            );
+        }
+        // Dropping the set aborts logins still in progress.
     }
 
     /// Waits until no transaction is in flight on the old side.
