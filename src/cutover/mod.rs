@@ -531,9 +531,9 @@ impl Run<'_> {
     /// each pool has open on the old side, so held transactions don't wait
     /// for logins after the swap.
     ///
-    /// Best effort, all logins at once (one after the other, a login each
-    /// costs its round trips and the SCRAM key derivation), and within half
-    /// of the time left: a connection not warmed is opened on demand after
+    /// Best effort, all logins at once (not one after the other: each costs
+    /// its round trips and a SCRAM key derivation), within half of the time
+    /// left: a connection not warmed is opened on demand after
     /// the swap, which is slower but no reason to abort the cutover, and
     /// the pause needs the rest of the time.
     async fn warm_target(&self, target: &crate::switch::Backend) {
