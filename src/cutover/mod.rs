@@ -333,6 +333,17 @@ impl Run<'_> {
                 prepare.await.map_err(CutoverError::from)
             });
         }
+        // A fallback restarts the forward direction at the switch point: its
+        // slot (on the side we go to) is moved there ahead of the pause, so
+        // that the walsender doesn't decode everything written since the
+        // cutover right after the swap, next to the resumed application.
+        if self.direction == Direction::Fallback && !dry_run {
+            let conn = self.conn(to)?;
+            let slot = replication.slot();
+            phase!(self, "prepare", async {
+                Ok(replication::advance_unused_slot(conn, slot).await?)
+            });
+        }
         // Lift an earlier fence on the side we go to before warming server
         // connections there: a session that starts while its role is fenced
         // is read-only, and unfence ends such sessions, so connections warmed

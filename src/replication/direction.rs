@@ -350,16 +350,7 @@ pub async fn prepare_reverse(
                 )));
             }
             if active.is_none() {
-                let step = format!("advance unused slot {:?}", names.slot);
-                let row = new_side
-                    .query_one(
-                        "SELECT end_lsn FROM pg_catalog.pg_replication_slot_advance($1, \
-                                pg_catalog.pg_current_wal_flush_lsn())",
-                        &[&names.slot],
-                    )
-                    .await
-                    .step(&step)?;
-                done.slot_advanced_to = row.try_get(0).step(&step)?;
+                done.slot_advanced_to = advance_unused_slot(new_side, &names.slot).await?;
             }
         }
     }
@@ -380,6 +371,35 @@ pub async fn prepare_reverse(
         done.created_subscription = true;
     }
     Ok(done)
+}
+
+/// Moves an unused slot on `publisher` to the current flush position and
+/// returns where it went (`None` when a walsender uses the slot or it does
+/// not exist). For a direction about to be restarted by [`switch_direction`]:
+/// everything before the switch point is skipped anyway, and a slot left
+/// where its direction stopped makes the walsender decode (and skip) all
+/// the WAL written since, when the direction starts again, right after
+/// the switch, competing with the application on that server. Advancing
+/// does the same decoding, but ahead of the pause.
+pub async fn advance_unused_slot(
+    publisher: &Client,
+    slot: &str,
+) -> Result<Option<Lsn>, ReplicationError> {
+    let step = format!("advance unused slot {slot:?}");
+    let row = publisher
+        .query_opt(
+            "SELECT end_lsn FROM pg_catalog.pg_replication_slots s, \
+                    pg_catalog.pg_replication_slot_advance(s.slot_name, \
+                        pg_catalog.pg_current_wal_flush_lsn()) \
+              WHERE s.slot_name = $1 AND s.active_pid IS NULL",
+            &[&slot],
+        )
+        .await
+        .step(&step)?;
+    match row {
+        None => Ok(None),
+        Some(row) => row.try_get(0).step(&step),
+    }
 }
 
 /// Removes what [`prepare_reverse`] created (and only that): the

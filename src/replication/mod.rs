@@ -28,9 +28,9 @@ pub use catchup::{
     flush_and_mark, replication_lag, subscription_status, wait_applied, Lag, SubscriptionStatus,
 };
 pub use direction::{
-    activate_reverse, prepare_reverse, restore_forward, revert_switch, switch_direction,
-    undo_activate_reverse, undo_prepare_reverse, undo_restore_forward, Prepared, ReverseNames,
-    SwitchPoint,
+    activate_reverse, advance_unused_slot, prepare_reverse, restore_forward, revert_switch,
+    switch_direction, undo_activate_reverse, undo_prepare_reverse, undo_restore_forward, Prepared,
+    ReverseNames, SwitchPoint,
 };
 pub use fence::{fence, unfence, Fence, RoleFence};
 pub use lsn::Lsn;
