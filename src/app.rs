@@ -448,6 +448,11 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 /// Runs the proxy until SIGTERM/SIGINT and a graceful drain.
 pub async fn run(app: Arc<App>) -> Result<(), AppError> {
     let config = app.config();
+    // The admin API listens first: once clients can connect, so can operators.
+    let admin_addr = config.admin.listen;
+    let admin = crate::admin::bind(admin_addr)
+        .await
+        .map_err(AppError::Admin)?;
     let listener = bind(config.proxy.listen)?;
     tracing::info!(listen = %config.proxy.listen, active = %app.switch.active().side, mode = ?config.proxy.pool_mode, client_tls = app.client_tls().describe(), "pgswitch listening");
     if config.proxy.auth_method == crate::config::AuthMethod::Trust {
@@ -457,10 +462,6 @@ pub async fn run(app: Arc<App>) -> Result<(), AppError> {
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
-    let admin_addr = app.config().admin.listen;
-    let admin = crate::admin::bind(admin_addr)
-        .await
-        .map_err(AppError::Admin)?;
     if app.admin_token().is_none() {
         tracing::warn!(listen = %admin_addr, "admin API without a token (loopback only)");
     }

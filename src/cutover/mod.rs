@@ -189,10 +189,19 @@ impl Controller {
 
 /// What to undo on abort, most recent last.
 enum Undo {
-    Fenced { side: Side, fence: Fence },
-    Unfenced { side: Side, roles: Vec<String> },
-    ReverseActivated,
-    ForwardRestored,
+    Fenced {
+        side: Side,
+        fence: Fence,
+    },
+    Unfenced {
+        side: Side,
+        roles: Vec<String>,
+    },
+    /// `stopped` (on the new side) was disabled and `started` (on the old side) enabled.
+    DirectionSwitched {
+        stopped: String,
+        started: String,
+    },
 }
 
 /// Admin connections to both sides, opened before the pause.
@@ -250,6 +259,8 @@ struct Stream<'c> {
     slot: &'c str,
     /// Subscription on the side we go to.
     subscription: &'c str,
+    /// Subscription on the side we leave, which carries writes back after the switch.
+    opposite: &'c str,
 }
 
 impl Run<'_> {
@@ -309,10 +320,12 @@ impl Run<'_> {
             Direction::Cutover => Stream {
                 slot: replication.slot(),
                 subscription: &replication.subscription,
+                opposite: &names.subscription,
             },
             Direction::Fallback => Stream {
                 slot: &names.slot,
                 subscription: &names.subscription,
+                opposite: &replication.subscription,
             },
         };
 
@@ -409,36 +422,28 @@ impl Run<'_> {
             self.report.sequences_synced = phase!(self, "sequences", sync);
         }
 
-        // 6. The replication direction, from exactly this point.
-        let switch_lsn = match self.direction {
-            Direction::Cutover if self.config.cutover.reverse_replication => {
-                let conns = self.conns()?;
-                let work = replication::activate_reverse(
-                    &conns.to,
-                    &conns.from,
-                    &replication.subscription,
-                    &names,
-                    self.remaining(),
-                );
-                let point = phase!(self, "reverse", async { Ok(work.await?) });
-                self.undo.push(Undo::ReverseActivated);
-                Some(point.lsn)
-            }
-            Direction::Cutover => None,
-            Direction::Fallback => {
-                let conns = self.conns()?;
-                // The forward direction (blue → green) restarts after the switch point.
-                let work = replication::restore_forward(
-                    &conns.to,
-                    &conns.from,
-                    &replication.subscription,
-                    &names,
-                    self.remaining(),
-                );
-                let point = phase!(self, "reverse", async { Ok(work.await?) });
-                self.undo.push(Undo::ForwardRestored);
-                Some(point.lsn)
-            }
+        // 6. The replication direction, from exactly this point: the
+        // subscription that carried writes toward the new side stops and the
+        // one carrying them back starts (a fallback restarts the forward one).
+        let reverse =
+            self.direction == Direction::Fallback || self.config.cutover.reverse_replication;
+        let switch_lsn = if reverse {
+            let conns = self.conns()?;
+            let work = replication::switch_direction(
+                &conns.to,
+                stream.subscription,
+                &conns.from,
+                stream.opposite,
+                self.remaining(),
+            );
+            let point = phase!(self, "reverse", async { Ok(work.await?) });
+            self.undo.push(Undo::DirectionSwitched {
+                stopped: stream.subscription.to_owned(),
+                started: stream.opposite.to_owned(),
+            });
+            Some(point.lsn)
+        } else {
+            None
         };
         self.report.switch_lsn = switch_lsn.map(|l| l.to_string());
 
@@ -633,8 +638,6 @@ impl Run<'_> {
 
     /// Undoes, newest first, what an aborted switch did.
     async fn rollback(&mut self) {
-        let names = self.reverse_names();
-        let subscription = self.config.replication.subscription.clone();
         let timeout =
             Duration::from_millis(self.config.cutover.timeout_ms).max(Duration::from_secs(5));
         let mut failures = Vec::new();
@@ -656,25 +659,8 @@ impl Run<'_> {
                     }),
                     Err(_) => Ok(()),
                 },
-                (Undo::ReverseActivated, Some(c)) => {
-                    replication::undo_activate_reverse(
-                        &c.to,
-                        &c.from,
-                        &subscription,
-                        &names,
-                        timeout,
-                    )
-                    .await
-                }
-                (Undo::ForwardRestored, Some(c)) => {
-                    replication::undo_restore_forward(
-                        &c.to,
-                        &c.from,
-                        &subscription,
-                        &names,
-                        timeout,
-                    )
-                    .await
+                (Undo::DirectionSwitched { stopped, started }, Some(c)) => {
+                    replication::revert_switch(&c.from, started, &c.to, stopped, timeout).await
                 }
             };
             if let Err(e) = result {
