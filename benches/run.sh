@@ -47,30 +47,13 @@ QUIET_WAIT=${BENCH_QUIET_WAIT:-60}  # seconds to wait for a quiet machine before
 PGSWITCH_BIN=${PGSWITCH_BIN:-$ROOT/target/release/pgswitch}
 PG_BINDIR=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 [ -x "$PG_BINDIR/pg_ctl" ] || PG_BINDIR=$(dirname "$(command -v pg_ctl)")
-PY=${PYTHON:-python3}
+# shellcheck source=benches/lib.sh
+. "$HERE/lib.sh"
 COMPARE="$PY $HERE/pgbench_compare.py"
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
 # ---------------------------------------------------------------- prerequisites
-if [ "$(id -u)" = 0 ]; then
-    # initdb/postgres refuse root, PgBouncer refuses root too: run them as postgres.
-    id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
-    AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
-else
-    AS_PG=()
-fi
-if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
-    log "PgBouncer not found: installing it"
-    [ "$(id -u)" = 0 ] || die "pgbouncer missing and not root: apt-get install pgbouncer"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
-fi
-PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
-# pgbouncer's package starts a system service; we never use it (own config, own port).
+bench_setup pgswitch-bench pgbouncer
 for b in pgbench psql initdb pg_ctl; do [ -x "$PG_BINDIR/$b" ] || die "$PG_BINDIR/$b not found"; done
-command -v "$PY" >/dev/null || die "python3 not found"
 
 # 10k idle clients need ~10k fds in the proxy and in the client (the proxies and the
 # connector inherit this limit). Ask for 30000; without CAP_SYS_RESOURCE the hard limit caps it.
@@ -88,122 +71,22 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$NOFILE" ]; then
 fi
 
 # Other work on this small machine skews everything: measure CPU use over 2 s and say so.
-cpu_busy_pct() {  # [seconds]
-    local a b
-    a=($(sed -n 's/^cpu  //p' /proc/stat)); sleep "${1:-2}"; b=($(sed -n 's/^cpu  //p' /proc/stat))
-    awk -v a="${a[*]}" -v b="${b[*]}" 'BEGIN { n = split(a, x); split(b, y); t = 0
-        for (i = 1; i <= n; i++) t += y[i] - x[i]
-        idle = (y[4] - x[4]) + (y[5] - x[5]); printf "%.0f", t ? 100 * (t - idle) / t : 0 }'
-}
-BUSY=$(cpu_busy_pct)
-if [ "$BUSY" -gt 15 ]; then
-    log "warning: the CPUs are already ${BUSY}% busy before starting; results will be noisy. Top now:"
-    top -b -n 1 -o %CPU 2>/dev/null | sed -n '8,11p' | sed 's/^/    /' >&2 || true
-fi
+warn_if_busy
 
 # ---------------------------------------------------------------- state + cleanup
-WORK=$(mktemp -d /tmp/pgswitch-bench.XXXXXX)
-chmod 755 "$WORK"
-mkdir -p "$WORK/sock"
-# pgbench's per-transaction logs (~20 MB per 15 s run) go to tmpfs when there is one, so that
-# writing them back to disk does not stall the runs; each is deleted once parsed.
-if [ -d /dev/shm ] && [ -w /dev/shm ]; then
-    LOGDIR=$(mktemp -d /dev/shm/pgswitch-bench-logs.XXXXXX)
-else
-    LOGDIR="$WORK/logs"; mkdir -p "$LOGDIR"
-fi
-[ ${#AS_PG[@]} -gt 0 ] && chown -R postgres: "$WORK"
-PG_STARTED=0
-declare -A PIDS=()      # name -> pid of things we started in the background
 IDLE_PID=""
-
-stop_pid() {  # name pid
-    local name=$1 pid=$2 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$name (pid $pid) did not stop on SIGTERM: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM HUP
-    set +e
+bench_cleanup_extra() {
     if [ -n "$IDLE_PID" ]; then stop_pid idle_clients "$IDLE_PID"; fi
-    local name
-    for name in "${!PIDS[@]}"; do stop_pid "$name" "${PIDS[$name]}"; done
-    if [ "$PG_STARTED" = 1 ]; then
-        "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -m fast -w -t 30 stop >/dev/null 2>&1 \
-            || "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -m immediate -w stop >/dev/null 2>&1
-    fi
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "kept $WORK and ${LOGDIR:-}"
-    else
-        rm -rf "$WORK" ${LOGDIR:+"$LOGDIR"}
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM HUP
-
-free_port() {  # first free TCP port on 127.0.0.1 at or above $1
-    "$PY" - "$1" <<'EOF'
-import socket, sys
-p = int(sys.argv[1])
-while p < 65000:
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); s.close(); print(p); break
-    except OSError:
-        p += 1
-EOF
 }
 
-wait_port() {  # port timeout_s [pid]
-    local port=$1 t=$2 pid=${3:-} i
-    for i in $(seq 1 $((t * 10))); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
-        sleep 0.1
-    done
-    return 1
-}
-
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
-
-psql_super() { "$PG_BINDIR/psql" -X -q -h "$WORK/sock" -p "$PGPORT" -U postgres -d "${DB:-bench}" -v ON_ERROR_STOP=1 "$@"; }
+psql_super() { pg_super "$PGPORT" "${DB:-bench}" "$@"; }
 
 # ---------------------------------------------------------------- PostgreSQL
 start_postgres() {
     PGPORT=$(free_port 15432)
-    log "PostgreSQL: initdb in $WORK/pgdata, port $PGPORT"
-    "${AS_PG[@]}" "$PG_BINDIR/initdb" -D "$WORK/pgdata" -U postgres -E UTF8 --locale=C \
-        --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log" 2>&1 \
-        || { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
     # Defaults except: pooling needs max_connections (200); shared_buffers stated explicitly
     # (128MB = the default). fsync/synchronous_commit stay ON (durable commits, as in production).
-    cat >>"$WORK/pgdata/postgresql.conf" <<EOF
-# --- pgswitch bench ---
-listen_addresses = '127.0.0.1'
-port = $PGPORT
-unix_socket_directories = '$WORK/sock'
-max_connections = 200
-shared_buffers = 128MB
-password_encryption = scram-sha-256
-EOF
-    cat >"$WORK/pgdata/pg_hba.conf" <<EOF
-local all all trust
-host  all all 127.0.0.1/32 scram-sha-256
-EOF
-    PG_STARTED=1   # from here on cleanup runs pg_ctl stop (harmless if it never came up)
-    "${AS_PG[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -l "$WORK/postgres.log" -w -t 60 start >/dev/null \
-        || { tail -20 "$WORK/postgres.log" >&2; die "PostgreSQL did not start"; }
-    DB=postgres psql_super -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" -c "CREATE DATABASE bench OWNER bench"
+    pg_start pgdata "$PG_BINDIR" "$PGPORT"
     [ "$MODE" = memory ] && return 0   # the idle-client test needs no data
     log "pgbench -i -s $SCALE"
     PGPASSWORD=bench "$PG_BINDIR/pgbench" -h 127.0.0.1 -p "$PGPORT" -U bench -i -s "$SCALE" -q bench \
@@ -213,41 +96,13 @@ EOF
 
 # ---------------------------------------------------------------- PgBouncer
 start_pgbouncer() {  # name auth(scram-sha-256|trust) -> sets PORT_<name>
-    local name=$1 auth=$2 port
-    port=$(free_port 16432)
-    printf '"bench" "bench"\n' >"$WORK/userlist.txt"
-    cat >"$WORK/$name.ini" <<EOF
-[databases]
-bench = host=127.0.0.1 port=$PGPORT dbname=bench
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $port
-unix_socket_dir =
-auth_type = $auth
-auth_file = $WORK/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL
-min_pool_size = 0
-reserve_pool_size = 0
-max_client_conn = 20000
-ignore_startup_parameters = extra_float_digits
-logfile = $WORK/$name.log
-log_connections = 0
-log_disconnections = 0
-EOF
-    [ ${#AS_PG[@]} -gt 0 ] && chown postgres: "$WORK/$name.ini" "$WORK/userlist.txt"
-    # setsid: own session, so a Ctrl-C in the terminal reaches only the script (cleanup stops it).
-    setsid "${AS_PG[@]}" "$PGBOUNCER" "$WORK/$name.ini" >"$WORK/$name.out" 2>&1 </dev/null &
-    PIDS[$name]=$!
-    wait_port "$port" 15 "${PIDS[$name]}" || { tail -20 "$WORK/$name.out" "$WORK/$name.log" >&2; die "PgBouncer did not start"; }
-    printf -v "PORT_$name" '%s' "$port"
-    log "PgBouncer ($name, auth $auth) on port $port, pid ${PIDS[$name]}"
+    pgbouncer_start "$1" "$2" "$PGPORT"
 }
 
 # ---------------------------------------------------------------- pgswitch
 # Returns 1 (with a reason on stderr) if pgswitch is missing or does not work.
 start_pgswitch() {  # name auth(scram-sha-256|trust)
-    local name=$1 auth=$2 port pid admin_port
+    local name=$1 auth=$2 port admin_port
     if [ ! -x "$PGSWITCH_BIN" ]; then
         log "pgswitch: $PGSWITCH_BIN not built (cargo build --release); skipping pgswitch"
         return 1
@@ -282,31 +137,7 @@ listen = "127.0.0.1:$admin_port"
 name = "bench"
 password = "bench"
 EOF
-    setsid "$PGSWITCH_BIN" run --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 </dev/null &
-    pid=$!
-    PIDS[$name]=$pid
-    if ! wait_port "$port" 15 "$pid"; then
-        log "pgswitch did not start listening on $port; its output:"
-        tail -20 "$WORK/$name.log" | sed 's/^/    /' >&2
-        stop_pid "$name" "$pid"; unset "PIDS[$name]"
-        return 1
-    fi
-    local out
-    if ! out=$(PGPASSWORD=bench PGCONNECT_TIMEOUT=10 timeout 20 "$PG_BINDIR/psql" -X -At -h 127.0.0.1 -p "$port" \
-            -U bench -d bench -c "SELECT 40 + 2" 2>&1) || [ "$out" != 42 ]; then
-        log "pgswitch is running but a query through it failed: $out"
-        tail -20 "$WORK/$name.log" | sed 's/^/    /' >&2
-        stop_pid "$name" "$pid"; unset "PIDS[$name]"
-        return 1
-    fi
-    printf -v "PORT_$name" '%s' "$port"
-    log "pgswitch ($name, auth $auth) on port $port, pid $pid: $("$PGSWITCH_BIN" --version 2>/dev/null || echo '?')"
-    return 0
-}
-
-stop_named() {
-    local name=$1
-    if [ -n "${PIDS[$name]:-}" ]; then stop_pid "$name" "${PIDS[$name]}"; unset "PIDS[$name]"; fi
+    pgswitch_launch "$name" "$WORK/$name.toml" "$port"
 }
 
 # ---------------------------------------------------------------- throughput
