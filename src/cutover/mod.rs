@@ -208,6 +208,9 @@ enum Undo {
 struct Conns {
     from: Client,
     to: Client,
+    /// A second connection to the old side, so the fence runs beside the
+    /// replication switch inside the pause instead of after it.
+    fence: Client,
 }
 
 struct Run<'a> {
@@ -385,6 +388,36 @@ impl Run<'_> {
         };
         phase!(self, "warm", warm);
 
+        // The next state, written durably before the pause (only its rename
+        // happens inside): the old side fenced as planned here, the new side's
+        // old fence gone.
+        let mut next = self.controller.persisted();
+        next.active = to;
+        next.fences.remove(to.as_str());
+        let roles = self.config.application_roles();
+        let fence_plan = if self.config.cutover.fence_old && !roles.is_empty() && !dry_run {
+            let conn = &self.conns()?.fence;
+            let plan = async { Ok(replication::plan_fence(conn, &roles).await?) };
+            let plan = phase!(self, "plan_fence", plan);
+            next.fences.insert(from.as_str().to_owned(), plan.clone());
+            Some(plan)
+        } else {
+            None
+        };
+        let staged = match (&self.controller.state_file, dry_run) {
+            (Some(path), false) => {
+                let (path, state) = (path.clone(), next.clone());
+                let stage = async {
+                    tokio::task::spawn_blocking(move || state::stage(&path, &state))
+                        .await
+                        .map_err(|e| CutoverError::Aborted(e.to_string()))?
+                        .map_err(|e| CutoverError::Aborted(e.to_string()))
+                };
+                Some(phase!(self, "stage_state", stage))
+            }
+            _ => None,
+        };
+
         // 2. Pause.
         self.app.switch.set_draining(true);
         self.app.switch.gate.close();
@@ -393,6 +426,14 @@ impl Run<'_> {
         // 3. Drain.
         let drain = self.drain();
         phase!(self, "drain", drain);
+        if !dry_run {
+            // Nothing runs on the old side now, and its connections are of no
+            // further use: closed here, their server processes exit while we
+            // wait for the catch-up instead of after the gate opens.
+            for pool in self.app.switch.active().pools() {
+                pool.close_idle();
+            }
+        }
 
         // 4. Catch up to an exact, flushed LSN.
         let conns = self.conns()?;
@@ -415,66 +456,98 @@ impl Run<'_> {
             return Ok(Outcome::DryRun);
         }
 
-        // 5. Sequences.
-        if self.config.cutover.sync_sequences {
-            let conns = self.conns()?;
-            let sync = async { Ok(replication::sync_sequences(&conns.from, &conns.to).await?) };
-            self.report.sequences_synced = phase!(self, "sequences", sync);
-        }
-
-        // 6. The replication direction, from exactly this point: the
-        // subscription that carried writes toward the new side stops and the
-        // one carrying them back starts (a fallback restarts the forward one).
+        // 5–7, side by side on their own connections: sequences, the
+        // replication direction (the subscription that carried writes toward
+        // the new side stops, the one carrying them back starts from exactly
+        // this point; a fallback restarts the forward one), and the fence on
+        // the old side. Their phases overlap in the report.
+        let conns = self.conns()?;
+        let remaining = self.remaining();
+        let sequences = async {
+            let started = Instant::now();
+            let result = match self.config.cutover.sync_sequences {
+                true => replication::sync_sequences(&conns.from, &conns.to)
+                    .await
+                    .map(Some),
+                false => Ok(None),
+            };
+            (result, started.elapsed())
+        };
         let reverse =
             self.direction == Direction::Fallback || self.config.cutover.reverse_replication;
-        let switch_lsn = if reverse {
-            let conns = self.conns()?;
-            let work = replication::switch_direction(
-                &conns.to,
-                stream.subscription,
-                &conns.from,
-                stream.opposite,
-                self.remaining(),
-            );
-            let point = phase!(self, "reverse", async { Ok(work.await?) });
+        let direction = async {
+            let started = Instant::now();
+            let result = match reverse {
+                true => replication::switch_direction(
+                    &conns.to,
+                    stream.subscription,
+                    &conns.from,
+                    stream.opposite,
+                    remaining,
+                )
+                .await
+                .map(Some),
+                false => Ok(None),
+            };
+            (result, started.elapsed())
+        };
+        let fence = async {
+            let started = Instant::now();
+            let result = match &fence_plan {
+                Some(plan) => replication::apply_fence(&conns.fence, plan).await.map(Some),
+                None => Ok(None),
+            };
+            (result, started.elapsed())
+        };
+        let ((synced, t_seq), (switched, t_dir), (fenced, t_fence)) =
+            match tokio::time::timeout(remaining, async {
+                tokio::join!(sequences, direction, fence)
+            })
+            .await
+            {
+                Ok(results) => results,
+                Err(_) => {
+                    return Err(CutoverError::Aborted(
+                        "sequences/reverse/fence: the cutover timeout ran out".into(),
+                    ))
+                }
+            };
+        self.report.phase("sequences", t_seq);
+        self.report.phase("reverse", t_dir);
+        self.report.phase("fence", t_fence);
+        // Record what succeeded before reporting what failed, so an abort undoes it.
+        if let Ok(Some(point)) = &switched {
+            self.report.switch_lsn = Some(point.lsn.to_string());
             self.undo.push(Undo::DirectionSwitched {
                 stopped: stream.subscription.to_owned(),
                 started: stream.opposite.to_owned(),
             });
-            Some(point.lsn)
-        } else {
-            None
-        };
-        self.report.switch_lsn = switch_lsn.map(|l| l.to_string());
-
-        // 7. Fence the old side (the new one's earlier fence was lifted
-        // before the pause).
-        let mut state = self.controller.persisted();
-        let roles = self.config.application_roles();
-        state.fences.remove(to.as_str());
-        if self.config.cutover.fence_old && !roles.is_empty() {
-            let conn = self.conn(from)?;
-            let work = async { Ok(replication::fence(conn, &roles).await?) };
-            let fence = phase!(self, "fence", work);
-            state.fences.insert(from.as_str().to_owned(), fence.clone());
-            self.undo.push(Undo::Fenced { side: from, fence });
         }
+        if let Some(plan) = &fence_plan {
+            // Even a failed fence may have set some roles read-only: undo it.
+            self.undo.push(Undo::Fenced {
+                side: from,
+                fence: plan.clone(),
+            });
+        }
+        self.report.sequences_synced = synced
+            .map_err(|e| CutoverError::Aborted(format!("sequences: {e}")))?
+            .unwrap_or(0);
+        switched.map_err(|e| CutoverError::Aborted(format!("reverse: {e}")))?;
+        fenced.map_err(|e| CutoverError::Aborted(format!("fence: {e}")))?;
 
         // 8. Persist, then swap: the commit point.
-        state.active = to;
-        state.switch_lsn = self.report.switch_lsn.clone();
-        let persist = async {
-            if let Some(path) = &self.controller.state_file {
-                state::store(path, &state).map_err(|e| CutoverError::Aborted(e.to_string()))?;
-            }
-            Ok(())
-        };
-        phase!(self, "persist", persist);
+        if let (Some(staged), Some(path)) = (&staged, &self.controller.state_file) {
+            let commit = async {
+                state::commit(staged, path).map_err(|e| CutoverError::Aborted(e.to_string()))
+            };
+            phase!(self, "persist", commit);
+        }
         *self
             .controller
             .state
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = state;
+            .unwrap_or_else(|e| e.into_inner()) = next;
         self.app.switch.swap(target);
         self.undo.clear();
         Ok(Outcome::Switched)
@@ -499,8 +572,11 @@ impl Run<'_> {
             .await
             .map_err(|e| CutoverError::Refused(format!("{side} does not answer: {e}")))
         };
-        let (from, to) =
-            tokio::try_join!(connect(self.direction.from()), connect(self.direction.to()))?;
+        let (from, to, fence) = tokio::try_join!(
+            connect(self.direction.from()),
+            connect(self.direction.to()),
+            connect(self.direction.from())
+        )?;
         let status = replication::subscription_status(&to, stream.subscription)
             .await
             .map_err(|e| CutoverError::Refused(e.to_string()))?;
@@ -533,7 +609,7 @@ impl Run<'_> {
                 lag.bytes
             )));
         }
-        Ok(Conns { from, to })
+        Ok(Conns { from, to, fence })
     }
 
     async fn preflight_lag(&self, stream: &Stream<'_>) -> Result<u64, CutoverError> {
@@ -670,6 +746,9 @@ impl Run<'_> {
         }
         if !failures.is_empty() {
             self.report.undo_failures = failures;
+        }
+        if let Some(path) = &self.controller.state_file {
+            let _ = std::fs::remove_file(path.with_extension("next"));
         }
     }
 

@@ -17,10 +17,6 @@ pub struct PersistedState {
     /// Fences in place, by side, so the next switch toward that side lifts them.
     #[serde(default)]
     pub fences: BTreeMap<String, Fence>,
-    /// The LSN (on the side that became active) from which the other side
-    /// replicates, of the last switch.
-    #[serde(default)]
-    pub switch_lsn: Option<String>,
 }
 
 impl PersistedState {
@@ -28,7 +24,6 @@ impl PersistedState {
         PersistedState {
             active,
             fences: BTreeMap::new(),
-            switch_lsn: None,
         }
     }
 }
@@ -69,6 +64,13 @@ pub fn load(path: &Path) -> Result<Option<PersistedState>, StateError> {
 /// Replaces the state file so that a crash at any moment leaves either the
 /// old or the new state, never a torn one.
 pub fn store(path: &Path, state: &PersistedState) -> Result<(), StateError> {
+    let staged = stage(path, state)?;
+    commit(&staged, path)
+}
+
+/// Writes the next state durably beside the state file, without replacing it:
+/// the slow part (write and fsync), done before a cutover's pause.
+pub fn stage(path: &Path, state: &PersistedState) -> Result<PathBuf, StateError> {
     let io = |source| StateError::Io {
         path: path.to_owned(),
         source,
@@ -77,11 +79,21 @@ pub fn store(path: &Path, state: &PersistedState) -> Result<(), StateError> {
         path: path.to_owned(),
         source,
     })?;
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension("next");
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
     file.write_all(&json).map_err(io)?;
     file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(tmp)
+}
+
+/// Makes a staged state the state file: rename, then fsync the directory so
+/// the rename survives a crash. The commit point of a cutover.
+pub fn commit(staged: &Path, path: &Path) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::rename(staged, path).map_err(io)?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -58,6 +58,15 @@ const SETTING: &str = "default_transaction_read_only";
 /// Makes the server refuse writes from `roles` (see the module docs for the
 /// method and its limits), ending their open sessions; returns what to undo.
 pub async fn fence(conn: &Client, roles: &[String]) -> Result<Fence, ReplicationError> {
+    let mut fence = plan_fence(conn, roles).await?;
+    fence.terminated = apply_fence(conn, &fence).await?;
+    Ok(fence)
+}
+
+/// The read-only half of [`fence`]: records the roles' current settings (what
+/// [`unfence`] restores) and refuses roles the fence can't hold. A cutover
+/// runs it before its pause, and only [`apply_fence`] inside.
+pub async fn plan_fence(conn: &Client, roles: &[String]) -> Result<Fence, ReplicationError> {
     if roles.is_empty() {
         return Ok(Fence {
             roles: Vec::new(),
@@ -117,8 +126,22 @@ pub async fn fence(conn: &Client, roles: &[String]) -> Result<Fence, Replication
         });
     }
 
+    Ok(Fence {
+        roles: fenced,
+        fenced_at,
+        terminated: 0,
+    })
+}
+
+/// The writing half of [`fence`]: sets the roles read-only and ends their
+/// sessions. Returns how many sessions were ended.
+pub async fn apply_fence(conn: &Client, fence: &Fence) -> Result<i64, ReplicationError> {
+    if fence.roles.is_empty() {
+        return Ok(0);
+    }
+    let roles: Vec<&str> = fence.roles.iter().map(|r| r.role.as_str()).collect();
     let mut sql = String::from("BEGIN;");
-    for r in &fenced {
+    for r in &fence.roles {
         sql.push_str(&format!(
             " ALTER ROLE {} SET {SETTING} = on;",
             ident(&r.role)
@@ -140,11 +163,7 @@ pub async fn fence(conn: &Client, roles: &[String]) -> Result<Fence, Replication
         )
         .await
         .step(step)?;
-    Ok(Fence {
-        roles: fenced,
-        fenced_at,
-        terminated: row.try_get(0).step(step)?,
-    })
+    row.try_get(0).step(step)
 }
 
 /// Undoes [`fence`] exactly: each role gets back the role-wide setting it

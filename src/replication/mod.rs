@@ -32,7 +32,7 @@ pub use direction::{
     switch_direction, undo_activate_reverse, undo_prepare_reverse, undo_restore_forward, Prepared,
     ReverseNames, SwitchPoint,
 };
-pub use fence::{fence, unfence, Fence, RoleFence};
+pub use fence::{apply_fence, fence, plan_fence, unfence, Fence, RoleFence};
 pub use lsn::Lsn;
 pub use sequences::sync_sequences;
 
