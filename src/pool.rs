@@ -317,6 +317,12 @@ impl Pool {
         Ok(())
     }
 
+    /// Server process ids of the idle connections.
+    pub fn idle_backend_pids(&self) -> Vec<i32> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter().map(|c| c.backend_pid as i32).collect()
+    }
+
     /// Closes every idle connection (after a cutover, on shutdown).
     pub fn close_idle(&self) {
         let drained: Vec<ServerConn> =

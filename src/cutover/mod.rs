@@ -86,6 +86,9 @@ pub struct Controller {
 
 const HISTORY: usize = 100;
 
+/// How long after a switch the old side's idle connections are closed.
+const OLD_SIDE_GRACE: Duration = Duration::from_millis(500);
+
 impl Controller {
     pub fn new(state: PersistedState, state_file: Option<PathBuf>) -> Controller {
         Controller {
@@ -426,14 +429,17 @@ impl Run<'_> {
         // 3. Drain.
         let drain = self.drain();
         phase!(self, "drain", drain);
-        if !dry_run {
-            // Nothing runs on the old side now, and its connections are of no
-            // further use: closed here, their server processes exit while we
-            // wait for the catch-up instead of after the gate opens.
-            for pool in self.app.switch.active().pools() {
-                pool.close_idle();
-            }
-        }
+        // The old side's pooled connections (all idle now) are spared by the
+        // fence and closed a moment after the pause: process exits cost CPU
+        // the catch-up and the held transactions need more.
+        let spare: Vec<i32> = self
+            .app
+            .switch
+            .active()
+            .pools()
+            .iter()
+            .flat_map(|p| p.idle_backend_pids())
+            .collect();
 
         // 4. Catch up to an exact, flushed LSN.
         let conns = self.conns()?;
@@ -494,7 +500,9 @@ impl Run<'_> {
         let fence = async {
             let started = Instant::now();
             let result = match &fence_plan {
-                Some(plan) => replication::apply_fence(&conns.fence, plan).await.map(Some),
+                Some(plan) => replication::apply_fence(&conns.fence, plan, &spare)
+                    .await
+                    .map(Some),
                 None => Ok(None),
             };
             (result, started.elapsed())
@@ -760,12 +768,15 @@ impl Run<'_> {
             self.report.pause_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
         }
         if self.report_switched() {
-            // Old-side connections are closed once idle; busy ones end with
-            // their sessions.
+            // Old-side connections are closed once idle (busy ones end with
+            // their sessions), after the held transactions had their turn.
             if let Some(old) = self.app.backend(self.direction.from()) {
-                for pool in old.pools() {
-                    pool.close_idle();
-                }
+                tokio::spawn(async move {
+                    tokio::time::sleep(OLD_SIDE_GRACE).await;
+                    for pool in old.pools() {
+                        pool.close_idle();
+                    }
+                });
             }
         }
     }

@@ -59,7 +59,7 @@ const SETTING: &str = "default_transaction_read_only";
 /// method and its limits), ending their open sessions; returns what to undo.
 pub async fn fence(conn: &Client, roles: &[String]) -> Result<Fence, ReplicationError> {
     let mut fence = plan_fence(conn, roles).await?;
-    fence.terminated = apply_fence(conn, &fence).await?;
+    fence.terminated = apply_fence(conn, &fence, &[]).await?;
     Ok(fence)
 }
 
@@ -134,8 +134,14 @@ pub async fn plan_fence(conn: &Client, roles: &[String]) -> Result<Fence, Replic
 }
 
 /// The writing half of [`fence`]: sets the roles read-only and ends their
-/// sessions. Returns how many sessions were ended.
-pub async fn apply_fence(conn: &Client, fence: &Fence) -> Result<i64, ReplicationError> {
+/// sessions, except the server processes in `spare` (pgswitch's own idle pool
+/// connections, which it closes itself once the pause is over, so that a
+/// dozen processes don't exit inside it). Returns how many sessions were ended.
+pub async fn apply_fence(
+    conn: &Client,
+    fence: &Fence,
+    spare: &[i32],
+) -> Result<i64, ReplicationError> {
     if fence.roles.is_empty() {
         return Ok(0);
     }
@@ -158,8 +164,8 @@ pub async fn apply_fence(conn: &Client, fence: &Fence) -> Result<i64, Replicatio
             "SELECT count(pg_catalog.pg_terminate_backend(pid)) \
                FROM pg_catalog.pg_stat_activity \
               WHERE usename = ANY($1) AND pid <> pg_catalog.pg_backend_pid() \
-                AND backend_type = 'client backend'",
-            &[&roles],
+                AND backend_type = 'client backend' AND pid <> ALL($2)",
+            &[&roles, &spare],
         )
         .await
         .step(step)?;
