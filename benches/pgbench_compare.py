@@ -28,6 +28,7 @@ WORKLOADS = [
     ("select-extended", "-S -M extended"),
     ("select-prepared", "-S -M prepared"),
     ("tpcb", "TPC-B-like (default)"),
+    ("select-tls", "-S, client TLS (sslmode=require)"),
 ]
 TARGETS = [("pgswitch", "pgswitch"), ("pgbouncer", "PgBouncer"), ("direct", "direct")]
 

@@ -41,7 +41,7 @@ SCALE=${BENCH_SCALE:-10}
 POOL=${BENCH_POOL_SIZE:-20}
 WARMUP=${BENCH_WARMUP:-3}
 IDLE=${BENCH_IDLE_CLIENTS:-10000}
-WORKLOADS=${BENCH_WORKLOADS:-"select select-extended select-prepared tpcb"}
+WORKLOADS=${BENCH_WORKLOADS:-"select select-extended select-prepared tpcb select-tls"}
 RETRIES=${BENCH_RETRIES:-2}         # repeats of a run disturbed by other processes
 QUIET_WAIT=${BENCH_QUIET_WAIT:-60}  # seconds to wait for a quiet machine before a repeat
 PGSWITCH_BIN=${PGSWITCH_BIN:-$ROOT/target/release/pgswitch}
@@ -96,7 +96,18 @@ start_postgres() {
 
 # ---------------------------------------------------------------- PgBouncer
 start_pgbouncer() {  # name auth(scram-sha-256|trust) -> sets PORT_<name>
-    pgbouncer_start "$1" "$2" "$PGPORT"
+    pgbouncer_start "$1" "$2" "$PGPORT" "client_tls_sslmode = allow
+client_tls_cert_file = $TLS_CERT
+client_tls_key_file = $TLS_KEY"
+}
+
+# A self-signed certificate for the client-TLS workload (both proxies use it).
+make_tls_cert() {
+    TLS_CERT=$WORK/tls.crt TLS_KEY=$WORK/tls.key
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+        -keyout "$TLS_KEY" -out "$TLS_CERT" >/dev/null 2>&1 || die "openssl could not make a certificate"
+    [ ${#AS_PG[@]} -gt 0 ] && chown postgres: "$TLS_CERT" "$TLS_KEY"
+    chmod 600 "$TLS_KEY"
 }
 
 # ---------------------------------------------------------------- pgswitch
@@ -117,6 +128,8 @@ auth_method = "$auth"
 default_pool_size = $POOL
 max_client_conn = 20000
 log_level = "warn"
+tls_cert = "$TLS_CERT"
+tls_key = "$TLS_KEY"
 
 [backends.blue]
 host = "127.0.0.1"
@@ -147,6 +160,7 @@ workload_flags() {
         select-extended) echo "-S -M extended" ;;
         select-prepared) echo "-S -M prepared" ;;
         tpcb) echo "" ;;
+        select-tls) echo "-S" ;;  # with PGSSLMODE=require: client TLS to the proxy
         *) die "unknown workload $1" ;;
     esac
 }
@@ -181,6 +195,7 @@ run_pgbench() {  # target workload round secs [record]
         set +e
         # --foreground keeps pgbench in our process group so Ctrl-C stops it at once.
         # shellcheck disable=SC2086
+        PGSSLMODE=$([ "$w" = select-tls ] && echo require || echo prefer) \
         PGPASSWORD=bench timeout --foreground -s INT $((secs + 120)) "$PG_BINDIR/pgbench" -h 127.0.0.1 \
             -p "$port" -U bench -n -c "$CLIENTS" -j "$JOBS" -T "$secs" -l --log-prefix="$dir/tx" $flags bench \
             >"$dir/out" 2>"$dir/out.err"
@@ -209,6 +224,7 @@ run_pgbench() {  # target workload round secs [record]
 
 run_throughput() {
     local targets=() t w r i n
+    [ -n "${TLS_CERT:-}" ] || make_tls_cert
     HAVE_PGSWITCH=0
     if [ "$SKIP_PGSWITCH" = 0 ] && start_pgswitch pgswitch scram-sha-256; then HAVE_PGSWITCH=1; fi
     start_pgbouncer pgbouncer scram-sha-256
@@ -224,12 +240,15 @@ run_throughput() {
         psql_super -c "VACUUM ANALYZE" -c "CHECKPOINT"
         [ "$HAVE_PGSWITCH" = 1 ] || $COMPARE mark --workload "$w" --target pgswitch --status skipped \
             --note "not built or not working" --results "$RESULTS"
+        [ "$w" = select-tls ] && $COMPARE mark --workload "$w" --target direct --status n/a \
+            --note "client TLS is measured through the proxies" --results "$RESULTS"
         [ "$w" = select-prepared ] && $COMPARE mark --workload "$w" --target pgbouncer --status n/a \
             --note "PgBouncer 1.18 transaction mode has no prepared statements" --results "$RESULTS"
         for r in $(seq 1 "$ROUNDS"); do
             for i in $(seq 0 $((n - 1))); do
                 t=${targets[$(( (i + r - 1) % n ))]}
                 [ "$w" = select-prepared ] && [ "$t" = pgbouncer ] && continue
+                [ "$w" = select-tls ] && [ "$t" = direct ] && continue
                 run_pgbench "$t" "$w" "$r" "$SECS"
             done
         done
@@ -283,6 +302,7 @@ measure_idle() {  # name target-label port pid
 }
 
 run_memory() {
+    [ -n "${TLS_CERT:-}" ] || make_tls_cert
     if [ "$SKIP_PGSWITCH" = 0 ] && start_pgswitch pgswitch_mem trust; then
         measure_idle pgswitch_mem pgswitch "$PORT_pgswitch_mem" "${PIDS[pgswitch_mem]}"
         stop_named pgswitch_mem
