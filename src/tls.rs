@@ -335,7 +335,8 @@ impl ServerTls {
             .map_err(TlsError::Setup)?;
         let verifier: Arc<dyn ServerCertVerifier> = match mode {
             ServerTlsMode::Disable => unreachable!("handled above"),
-            ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(AcceptAnyCert {
+            ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(RelaxedVerifier {
+                roots: None,
                 algorithms: provider.signature_verification_algorithms,
             }),
             ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull => {
@@ -363,8 +364,8 @@ impl ServerTls {
                         message: e.to_string(),
                     })?
                 } else {
-                    Arc::new(ChainOnly {
-                        roots,
+                    Arc::new(RelaxedVerifier {
+                        roots: Some(roots),
                         algorithms: provider.signature_verification_algorithms,
                     })
                 }
@@ -422,58 +423,18 @@ impl ServerTls {
     }
 }
 
-/// `server_tls = "require"` (and `prefer`): encrypts but doesn't check who
-/// the server is, as libpq's sslmode=require. Handshake signatures are still
+/// The verifiers libpq's weaker modes need. Handshake signatures are always
 /// verified, so the connection is bound to the certificate's key.
+/// `roots: None` is `server_tls = "require"` (and `prefer`): encrypts but
+/// doesn't check who the server is. `Some(roots)` is `verify-ca`: the chain
+/// must lead to `server_tls_ca`; the host name is not checked.
 #[derive(Debug)]
-struct AcceptAnyCert {
+struct RelaxedVerifier {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `server_tls = "verify-ca"`: the chain must lead to `server_tls_ca`; the
-/// host name is not checked (libpq's sslmode=verify-ca).
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for RelaxedVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -482,14 +443,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
