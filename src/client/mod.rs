@@ -6,5 +6,6 @@ pub mod conn;
 mod handshake;
 mod pipeline;
 mod session;
+mod translate;
 
 pub use handshake::serve;

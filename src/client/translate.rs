@@ -1,0 +1,310 @@
+//! Translating a client's messages for the server in transaction mode:
+//! statement names become proxy-wide names (prepared on demand on whichever
+//! server runs the transaction), and the statement-management commands that
+//! concern those names are answered by the proxy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::pipeline::{Pipeline, Reply, Synthetic, Undo};
+use crate::app::App;
+use crate::protocol::error::sqlstate;
+use crate::protocol::messages::{self, frontend};
+use crate::protocol::PgError;
+use crate::server::ServerConn;
+use crate::statements::Statement;
+
+/// What a client message did to the session's statement state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reset {
+    DeallocateAll,
+    DiscardAll,
+}
+
+/// Rewrites one client message for the server in transaction mode.
+pub(super) struct Translator<'a> {
+    pub(super) app: &'a App,
+    pub(super) server: &'a mut ServerConn,
+    pub(super) statements: &'a mut HashMap<Bytes, Arc<Statement>>,
+    pub(super) pipeline: &'a mut Pipeline,
+    pub(super) to_server: &'a mut BytesMut,
+    pub(super) to_client: &'a mut BytesMut,
+}
+
+impl Translator<'_> {
+    pub(super) fn translate(&mut self, tag: u8, frame: &[u8]) -> Result<Option<Reset>, PgError> {
+        if self.pipeline.skipping() {
+            // The server discards everything up to the next Sync after an error; so do we.
+            if tag == frontend::SYNC {
+                self.pipeline.end_skip();
+                self.forward(frame, Some(Reply::Sync));
+            }
+            return Ok(None);
+        }
+        let body = &frame[5..];
+        if self.pipeline.in_copy_in() {
+            if matches!(tag, frontend::COPY_DONE | frontend::COPY_FAIL) {
+                self.pipeline.end_copy_in();
+            }
+            // Copy data, and Sync/Flush, which the server ignores in copy mode.
+            self.forward(frame, None);
+            return Ok(None);
+        }
+        match tag {
+            frontend::PARSE => self.parse(frame, body)?,
+            frontend::BIND => self.bind(frame, body)?,
+            frontend::DESCRIBE => self.describe(frame, body)?,
+            frontend::CLOSE => self.close(frame, body)?,
+            frontend::EXECUTE => self.forward(frame, Some(Reply::Execute)),
+            frontend::SYNC => self.forward(frame, Some(Reply::Sync)),
+            frontend::QUERY => return self.query(frame, body),
+            frontend::FUNCTION_CALL => self.forward(frame, Some(Reply::FunctionCall)),
+            // Flush, COPY data and anything else: no reply of their own.
+            _ => self.forward(frame, None),
+        }
+        Ok(None)
+    }
+
+    fn forward(&mut self, frame: &[u8], reply: Option<Reply>) {
+        self.to_server.extend_from_slice(frame);
+        self.server.tx_status = b'?';
+        if let Some(reply) = reply {
+            self.pipeline.request(reply, Undo::None);
+        }
+    }
+
+    fn parse(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let (name, rest) = messages::split_name(body)?;
+        if name.is_empty() {
+            self.forward(frame, Some(Reply::Parse));
+            return Ok(());
+        }
+        if self.statements.contains_key(name) {
+            let error = PgError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(name)
+                ),
+            );
+            self.pipeline
+                .synthetic(Synthetic::Error(error.to_bytes().freeze()), self.to_client);
+            self.pipeline.start_skip();
+            return Ok(());
+        }
+        let stmt = self.app.statements.intern(rest);
+        if self.pipeline.client_status() == b'E' {
+            // In a failed transaction the server decides (25P02 for all but
+            // COMMIT/ROLLBACK): ask it with an unnamed Parse of the same text.
+            messages::parse_renamed(self.to_server, b"", &stmt.body);
+            self.server.tx_status = b'?';
+            self.pipeline.request(
+                Reply::Parse,
+                Undo::Register(Bytes::copy_from_slice(name), stmt),
+            );
+            return Ok(());
+        }
+        self.statements
+            .insert(Bytes::copy_from_slice(name), stmt.clone());
+        if self.server.statements.touch(stmt.id) {
+            self.pipeline
+                .synthetic(Synthetic::ParseComplete, self.to_client);
+        } else {
+            self.evict_for(stmt.id);
+            messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
+            self.server.tx_status = b'?';
+            self.pipeline
+                .request(Reply::Parse, Undo::Prepared(stmt.clone()));
+        }
+        Ok(())
+    }
+
+    /// Makes room in the server's statement cache for `id` and records it.
+    fn evict_for(&mut self, id: u64) {
+        if let Some(old) = self.server.statements.insert(id) {
+            messages::close_statement(self.to_server, format!("pgsw_{old}").as_bytes());
+            self.pipeline.hidden(Reply::Close, Undo::Closed(old));
+        }
+    }
+
+    /// Prepares a client's statement on this server if it isn't there yet.
+    fn ensure_prepared(&mut self, stmt: &Arc<Statement>) {
+        if !self.server.statements.touch(stmt.id) {
+            self.evict_for(stmt.id);
+            messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
+            self.pipeline
+                .hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
+        }
+    }
+
+    fn bind(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let bind = messages::split_bind(body)?;
+        // An unknown name goes through as is: the server answers 26000 with the
+        // client's own statement name, exactly as without a proxy.
+        match self.known(bind.statement) {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt);
+                messages::bind_renamed(self.to_server, bind.portal, &stmt.server_name, bind.rest);
+                self.server.tx_status = b'?';
+                self.pipeline.request(Reply::Bind, Undo::Uses(stmt));
+            }
+            None => self.forward(frame, Some(Reply::Bind)),
+        }
+        Ok(())
+    }
+
+    fn describe(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let (kind, name) = messages::split_target(body)?;
+        match self.known(name).filter(|_| kind == b'S') {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt);
+                messages::describe_statement(self.to_server, &stmt.server_name);
+                self.server.tx_status = b'?';
+                self.pipeline.request(Reply::Describe, Undo::Uses(stmt));
+            }
+            None => self.forward(frame, Some(Reply::Describe)),
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+        let (kind, name) = messages::split_target(body)?;
+        // The server keeps the shared preparation (other clients may use it);
+        // only the client's name goes away.
+        if kind == b'S' && !name.is_empty() && self.statements.remove(name).is_some() {
+            self.pipeline
+                .synthetic(Synthetic::CloseComplete, self.to_client);
+        } else {
+            self.forward(frame, Some(Reply::Close));
+        }
+        Ok(())
+    }
+
+    fn known(&self, name: &[u8]) -> Option<Arc<Statement>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.statements.get(name).cloned()
+    }
+
+    /// Simple queries pass through, except the statement-management commands
+    /// that concern the proxy's names: DEALLOCATE of a protocol-level statement
+    /// and DISCARD ALL between transactions are answered by the proxy.
+    fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Option<Reset>, PgError> {
+        let sql = body.strip_suffix(b"\0").unwrap_or(body);
+        // In a failed transaction the server answers (25P02) and nothing changes.
+        let command = statement_command(sql).filter(|_| self.pipeline.client_status() != b'E');
+        let reset = match command {
+            Some(Command::DeallocateAll) => {
+                self.pipeline
+                    .synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);
+                Some(Reset::DeallocateAll)
+            }
+            Some(Command::Deallocate(name))
+                if self.statements.remove(name.as_bytes()).is_some() =>
+            {
+                self.pipeline
+                    .synthetic(Synthetic::Command("DEALLOCATE"), self.to_client);
+                None
+            }
+            Some(Command::DiscardAll)
+                if self.pipeline.client_status() == b'I' && self.pipeline.is_idle() =>
+            {
+                self.pipeline
+                    .synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
+                Some(Reset::DiscardAll)
+            }
+            _ => {
+                self.forward(frame, Some(Reply::Query));
+                None
+            }
+        };
+        Ok(reset)
+    }
+}
+
+pub(super) enum Command {
+    Deallocate(String),
+    DeallocateAll,
+    DiscardAll,
+}
+
+/// Recognizes `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (alone, with an
+/// optional semicolon). A cheap prefix test keeps this off every other query.
+pub(super) fn statement_command(sql: &[u8]) -> Option<Command> {
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(first, b'd' | b'D') {
+        return None;
+    }
+    let text = std::str::from_utf8(sql)
+        .ok()?
+        .trim()
+        .trim_end_matches(';')
+        .trim_end();
+    let mut words = text.split_ascii_whitespace();
+    let verb = words.next()?.to_ascii_lowercase();
+    let mut arg = words.next()?;
+    match verb.as_str() {
+        "discard" if arg.eq_ignore_ascii_case("all") && words.next().is_none() => {
+            Some(Command::DiscardAll)
+        }
+        "deallocate" => {
+            if arg.eq_ignore_ascii_case("prepare") {
+                arg = words.next()?;
+            }
+            if words.next().is_some() {
+                return None;
+            }
+            if arg.eq_ignore_ascii_case("all") {
+                return Some(Command::DeallocateAll);
+            }
+            identifier(arg).map(Command::Deallocate)
+        }
+        _ => None,
+    }
+}
+
+/// An SQL identifier as PostgreSQL reads it: quoted keeps case, unquoted folds.
+fn identifier(word: &str) -> Option<String> {
+    match word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        Some(quoted) => Some(quoted.replace("\"\"", "\"")),
+        None if !word.contains('"') => Some(word.to_ascii_lowercase()),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_statement_commands() {
+        assert!(matches!(
+            statement_command(b"DEALLOCATE ALL"),
+            Some(Command::DeallocateAll)
+        ));
+        assert!(matches!(
+            statement_command(b" deallocate prepare all;"),
+            Some(Command::DeallocateAll)
+        ));
+        assert!(
+            matches!(statement_command(b"DEALLOCATE _pg3_1"), Some(Command::Deallocate(n)) if n == "_pg3_1")
+        );
+        assert!(
+            matches!(statement_command(b"DEALLOCATE S_1"), Some(Command::Deallocate(n)) if n == "s_1")
+        );
+        assert!(
+            matches!(statement_command(b"deallocate \"S_1\""), Some(Command::Deallocate(n)) if n == "S_1")
+        );
+        assert!(matches!(
+            statement_command(b"discard all"),
+            Some(Command::DiscardAll)
+        ));
+        assert!(statement_command(b"discard plans").is_none());
+        assert!(statement_command(b"delete from t").is_none());
+        assert!(statement_command(b"select 1").is_none());
+        assert!(statement_command(b"DEALLOCATE a; select 1").is_none());
+    }
+}
