@@ -6,33 +6,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "s3cret-admin-token";
-
-/// One HTTP/1.1 request over a fresh connection; returns (status, body).
-async fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect admin");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn start(pg: &PgServer, admin_extra: &str) -> Proxy {
     let port = free_port();
@@ -83,7 +58,12 @@ async fn health_is_open_and_everything_else_needs_the_token() {
     let pg = PgServer::start(PgOptions::default());
     pg.create_user("app", "secret");
     let proxy = start(&pg, &format!("token = \"{TOKEN}\""));
-    assert_eq!(http(proxy.admin_port, "GET", "/health", None).await.0, 200);
+    assert_eq!(
+        admin_http(proxy.admin_port, "GET", "/health", None, "")
+            .await
+            .0,
+        200
+    );
     for (method, path) in [
         ("GET", "/status"),
         ("GET", "/metrics"),
@@ -91,17 +71,19 @@ async fn health_is_open_and_everything_else_needs_the_token() {
         ("POST", "/resume"),
     ] {
         assert_eq!(
-            http(proxy.admin_port, method, path, None).await.0,
+            admin_http(proxy.admin_port, method, path, None, "").await.0,
             401,
             "{method} {path}"
         );
         assert_eq!(
-            http(proxy.admin_port, method, path, Some("wrong")).await.0,
+            admin_http(proxy.admin_port, method, path, Some("wrong"), "")
+                .await
+                .0,
             401,
             "{method} {path}"
         );
     }
-    let (status, body) = http(proxy.admin_port, "GET", "/status", Some(TOKEN)).await;
+    let (status, body) = admin_http(proxy.admin_port, "GET", "/status", Some(TOKEN), "").await;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["active"], "blue");
@@ -117,14 +99,16 @@ async fn metrics_count_transactions_errors_and_connections() {
     let pg = PgServer::start(PgOptions::default());
     pg.create_user("app", "secret");
     let proxy = start(&pg, "");
-    let before = http(proxy.admin_port, "GET", "/metrics", None).await.1;
+    let before = admin_http(proxy.admin_port, "GET", "/metrics", None, "")
+        .await
+        .1;
     let c = client(&proxy).await;
     for _ in 0..10 {
         c.simple_query("select 1").await.unwrap();
     }
     let err = c.simple_query("select 1/0").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22012"));
-    let (status, after) = http(proxy.admin_port, "GET", "/metrics", None).await;
+    let (status, after) = admin_http(proxy.admin_port, "GET", "/metrics", None, "").await;
     assert_eq!(status, 200);
     let delta = metric(&after, "pgswitch_transactions_total")
         - metric(&before, "pgswitch_transactions_total");
@@ -159,7 +143,7 @@ async fn pause_holds_new_transactions_until_resume() {
     let proxy = start(&pg, "");
     let c = client(&proxy).await;
     c.simple_query("select 1").await.unwrap();
-    let (status, body) = http(proxy.admin_port, "POST", "/pause", None).await;
+    let (status, body) = admin_http(proxy.admin_port, "POST", "/pause", None, "").await;
     assert_eq!(status, 200);
     assert!(body.contains("\"paused\":true"), "{body}");
     let held = tokio::spawn(async move {
@@ -171,7 +155,7 @@ async fn pause_holds_new_transactions_until_resume() {
         !held.is_finished(),
         "a new transaction must wait at the gate while paused"
     );
-    let (status, body) = http(proxy.admin_port, "POST", "/resume", None).await;
+    let (status, body) = admin_http(proxy.admin_port, "POST", "/resume", None, "").await;
     assert_eq!(status, 200);
     assert!(body.contains("\"paused\":false"), "{body}");
     let waited = tokio::time::timeout(Duration::from_secs(5), held)
@@ -183,7 +167,9 @@ async fn pause_holds_new_transactions_until_resume() {
         waited >= Duration::from_millis(300),
         "it was held: {waited:?}"
     );
-    let metrics = http(proxy.admin_port, "GET", "/metrics", None).await.1;
+    let metrics = admin_http(proxy.admin_port, "GET", "/metrics", None, "")
+        .await
+        .1;
     assert_eq!(
         metric(&metrics, "pgswitch_pause_duration_seconds_count"),
         1.0,

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use pgswitch::replication as repl;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::Client;
 
 const TOKEN: &str = "cutover-test-token";
@@ -26,44 +25,10 @@ const WRITERS: usize = 8;
 
 // ---------------------------------------------------------------- admin HTTP
 
-/// One HTTP/1.1 request over a fresh connection; returns (status, body).
-async fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect admin");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// POST /cutover or /fallback with a JSON body; prints the report's timings.
 async fn switch(proxy: &Proxy, path: &str, body: &str) -> (u16, serde_json::Value) {
     let t = Instant::now();
-    let (status, text) = http(proxy.admin_port, "POST", path, Some(TOKEN), body).await;
+    let (status, text) = admin_http(proxy.admin_port, "POST", path, Some(TOKEN), body).await;
     let report: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
     let phases = report["phases"]
@@ -90,7 +55,7 @@ async fn switch(proxy: &Proxy, path: &str, body: &str) -> (u16, serde_json::Valu
 }
 
 async fn status(proxy: &Proxy) -> serde_json::Value {
-    let (code, body) = http(proxy.admin_port, "GET", "/status", Some(TOKEN), "").await;
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/status", Some(TOKEN), "").await;
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -616,7 +581,7 @@ async fn cutover_and_fallback_under_load() {
             pg.log()
         );
     }
-    let (code, body) = http(proxy.admin_port, "GET", "/cutovers", Some(TOKEN), "").await;
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/cutovers", Some(TOKEN), "").await;
     assert_eq!(code, 200);
     let history: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(history.as_array().map(|h| h.len()), Some(2), "{history}");
@@ -816,7 +781,9 @@ token = "{TOKEN}"
         pg = pg.port
     ));
     assert_eq!(
-        http(proxy.admin_port, "GET", "/health", None, "").await.0,
+        admin_http(proxy.admin_port, "GET", "/health", None, "")
+            .await
+            .0,
         200
     );
     for (method, path, body) in [
@@ -830,11 +797,11 @@ token = "{TOKEN}"
         ("POST", "/resume", ""),
     ] {
         for token in [None, Some("wrong"), Some("")] {
-            let (code, text) = http(proxy.admin_port, method, path, token, body).await;
+            let (code, text) = admin_http(proxy.admin_port, method, path, token, body).await;
             assert_eq!(code, 401, "{method} {path} with {token:?}: {text}");
         }
     }
-    let (code, body) = http(proxy.admin_port, "GET", "/cutovers", Some(TOKEN), "").await;
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/cutovers", Some(TOKEN), "").await;
     assert_eq!(code, 200);
     assert_eq!(body.trim(), "[]", "no switch ran");
     let s = status(&proxy).await;
