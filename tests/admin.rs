@@ -195,3 +195,52 @@ fn non_loopback_admin_without_token_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("admin.token"), "{stderr}");
 }
+
+/// Runs the pgswitch CLI against a proxy's admin API.
+fn cli(proxy: &Proxy, args: &[&str], token: Option<&str>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"));
+    cmd.args(args)
+        .arg("--admin")
+        .arg(format!("http://127.0.0.1:{}", proxy.admin_port))
+        .env_remove("PGSWITCH_TOKEN")
+        .env_remove("PGSWITCH_ADMIN");
+    if let Some(token) = token {
+        cmd.args(["--token", token]);
+    }
+    let out = cmd.output().expect("run the pgswitch CLI");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_status_pause_resume_and_a_readable_report() {
+    let pg = PgServer::start(PgOptions::default());
+    pg.create_user("app", "secret");
+    let proxy = start(&pg, &format!("token = \"{TOKEN}\""));
+
+    let (ok, out) = cli(&proxy, &["status", "--json"], Some(TOKEN));
+    assert!(ok, "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(json["active"], "blue");
+
+    let (ok, out) = cli(&proxy, &["status"], Some("wrong"));
+    assert!(!ok, "a wrong token must fail: {out}");
+    assert!(out.contains("unauthorized"), "{out}");
+
+    let (ok, out) = cli(&proxy, &["pause", "--json"], Some(TOKEN));
+    assert!(ok && out.contains("\"paused\":true"), "{out}");
+    let (ok, out) = cli(&proxy, &["resume", "--json"], Some(TOKEN));
+    assert!(ok && out.contains("\"paused\":false"), "{out}");
+
+    // No green backend: the cutover is refused, and the CLI says so readably
+    // and exits non-zero.
+    let (ok, out) = cli(&proxy, &["cutover", "--dry-run"], Some(TOKEN));
+    assert!(!ok, "{out}");
+    assert!(out.contains("cutover blue -> green: REFUSED"), "{out}");
+    assert!(out.contains("reason:"), "{out}");
+}
