@@ -830,6 +830,29 @@ async fn dry_run_keeps_traffic_on_blue() {
     assert!(out.acked.iter().all(|a| a.port == p.blue.port as i32));
     assert!(out.acked.iter().any(|a| a.at > answered));
     assert_eq!(status(&proxy).await["active"], "blue");
+    // /status reports the lag of the replication a cutover would wait for
+    // (refreshed once a second, so wait for the first reading).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lag = loop {
+        let lag = status(&proxy).await["replication_lag"].clone();
+        if !lag.is_null() || Instant::now() > deadline {
+            break lag;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(lag["bytes"].as_u64().is_some(), "{lag}");
+    assert_eq!(lag["streaming"], true, "{lag}");
+    let metrics = admin_http(proxy.admin_port, "GET", "/metrics", Some(TOKEN), "")
+        .await
+        .1;
+    assert!(
+        metrics.contains("pgswitch_replication_lag_bytes "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgswitch_cutovers_total{outcome=\"dry_run\"} 1"),
+        "{metrics}"
+    );
     // Nothing changed: forward replication still runs, blue isn't fenced,
     // no reverse subscription was created.
     let st = repl::subscription_status(&p.g, "pgswitch").await.unwrap();
