@@ -1,0 +1,261 @@
+//! The tables of proxy.toml besides `[proxy]` and `[[users]]`: backends,
+//! replication, cutover, admin, and the small enums they use.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::Secret;
+
+/// TLS between clients and pgswitch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// SSLRequest is answered 'N'.
+    Disable,
+    /// Clients choose.
+    Allow,
+    /// Plaintext startups are refused (cancel requests still work).
+    Require,
+}
+
+/// TLS between pgswitch and a backend, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    /// TLS when the server offers it, else plaintext; the certificate isn't checked.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate isn't checked.
+    Require,
+    /// TLS with a certificate chain leading to `server_tls_ca`.
+    VerifyCa,
+    /// `verify-ca`, and the certificate names `host`.
+    VerifyFull,
+}
+
+impl fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backends {
+    pub blue: BackendConfig,
+    pub green: Option<BackendConfig>,
+}
+
+impl Backends {
+    pub fn get(&self, side: Side) -> Option<&BackendConfig> {
+        match side {
+            Side::Blue => Some(&self.blue),
+            Side::Green => self.green.as_ref(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub server_tls: ServerTlsMode,
+    /// PEM CA certificate(s) for `verify-ca` and `verify-full`.
+    pub server_tls_ca: Option<PathBuf>,
+    /// Superuser (or a role that may manage subscriptions, slots, origins and
+    /// roles) for the control connections a cutover uses.
+    pub admin_user: Option<String>,
+    pub admin_password: Option<Secret>,
+    /// Name of an environment variable holding `admin_password`.
+    pub admin_password_env: Option<String>,
+}
+
+impl BackendConfig {
+    /// The admin credentials, when configured (password from the environment
+    /// when `admin_password_env` names a variable).
+    pub fn admin_credentials(&self) -> Option<(String, String)> {
+        let user = self.admin_user.clone()?;
+        let password = match (&self.admin_password, &self.admin_password_env) {
+            (Some(p), _) => p.0.clone(),
+            (None, Some(var)) => std::env::var(var).ok()?,
+            (None, None) => String::new(),
+        };
+        Some((user, password))
+    }
+}
+
+/// Logical replication between the two sides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// The forward subscription (on green, from blue).
+    pub subscription: String,
+    /// Its slot on blue; defaults to the subscription's name.
+    pub slot: Option<String>,
+    /// The replicated database (where the publication and subscriptions live).
+    pub database: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            subscription: "pgswitch".into(),
+            slot: None,
+            database: "postgres".into(),
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub fn slot(&self) -> &str {
+        self.slot.as_deref().unwrap_or(&self.subscription)
+    }
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// The two sides of a blue/green pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Blue,
+    Green,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Blue => "blue",
+            Side::Green => "green",
+        }
+    }
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::Blue => Side::Green,
+            Side::Green => Side::Blue,
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The admin HTTP API (status, metrics, pause/resume; cutover later).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token every endpoint but /health requires.
+    pub token: Option<Secret>,
+    /// Name of an environment variable holding the token.
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
+            token: None,
+            token_env: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The configured token, from `token` or the variable `token_env` names.
+    pub fn resolved_token(&self) -> Option<String> {
+        match (&self.token, &self.token_env) {
+            (Some(token), _) => Some(token.0.clone()),
+            (None, Some(var)) => std::env::var(var).ok(),
+            (None, None) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CutoverConfig {
+    pub active: Side,
+    /// Where the active side is recorded after every cutover; on start it
+    /// overrides `active`, so a restart comes back on the side it left.
+    pub state_file: Option<PathBuf>,
+    /// The whole cutover, preflight to resume.
+    pub timeout_ms: u64,
+    /// How long running transactions may take to finish after the pause.
+    pub drain_timeout_ms: u64,
+    pub drain_action: DrainAction,
+    /// Refuse to start while the target lags more than this.
+    pub max_lag_bytes_to_start: u64,
+    pub sync_sequences: bool,
+    pub fence_old: bool,
+    pub reverse_replication: bool,
+}
+
+impl Default for CutoverConfig {
+    fn default() -> Self {
+        CutoverConfig {
+            active: Side::Blue,
+            state_file: None,
+            timeout_ms: 5000,
+            drain_timeout_ms: 2000,
+            drain_action: DrainAction::Abort,
+            max_lag_bytes_to_start: 16 * 1024 * 1024,
+            sync_sequences: true,
+            fence_old: true,
+            reverse_replication: true,
+        }
+    }
+}
+
+/// What a cutover does with transactions still running at the drain timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainAction {
+    /// Abort the cutover; traffic continues on the old side.
+    Abort,
+    /// Cancel them (their clients get 57014) and go on.
+    Cancel,
+}
