@@ -77,10 +77,6 @@ impl ParamSet {
         self.entries.iter().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     fn insert(&mut self, name: &str, value: String) {
         let name = name.to_ascii_lowercase();
         match self

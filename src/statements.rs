@@ -78,14 +78,6 @@ impl StatementRegistry {
         }
         stmt
     }
-
-    pub fn len(&self) -> usize {
-        self.by_body.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Which statements one server connection has prepared, least recently used

@@ -46,8 +46,6 @@ pub mod sqlstate {
 
     pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
     pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
-    pub const CONNECTION_EXCEPTION: SqlState = SqlState(*b"08000");
-    pub const SQLCLIENT_UNABLE_TO_ESTABLISH: SqlState = SqlState(*b"08001");
     pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
     pub const INVALID_AUTHORIZATION: SqlState = SqlState(*b"28000");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
@@ -56,7 +54,6 @@ pub mod sqlstate {
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState(*b"57P03");
     pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
-    pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
     pub const INTERNAL_ERROR: SqlState = SqlState(*b"XX000");
 }
