@@ -1758,6 +1758,105 @@ async fn statements_in_failed_transaction_scenario(port: u16) -> Vec<String> {
     out
 }
 
+/// Named statements in and around a failed transaction, the way drivers send
+/// them in one write: postgres.js (Parse + Describe, then Bind + Execute +
+/// Sync) and pgjdbc (Parse + Bind + Describe portal + Execute + Sync).
+async fn named_statements_in_failed_transaction_scenario(port: u16) -> Vec<String> {
+    let (mut a, _) = Raw::connect(port, &[]).await;
+    let mut out = Vec::new();
+    let mut step = |name: &str, lines: Vec<String>| {
+        out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
+    };
+    for round in 1..=2 {
+        for style in ["js", "jdbc"] {
+            for (label, sql) in [
+                ("begin", "begin"),
+                ("fail", "select 1/0"),
+                ("aborted", "select 1"),
+                ("rollback", "rollback"),
+                ("after", "select 1 as x"),
+            ] {
+                let name = format!("{style}_{label}");
+                let step_name = format!("round {round} {style} {label}");
+                // The second round binds what the first one prepared; a name
+                // the server refused (25P02) is re-parsed, as drivers do.
+                let reparse = round == 1 || label == "aborted";
+                if style == "js" {
+                    if reparse {
+                        a.parse(&name, sql).describe(b'S', &name);
+                    }
+                    a.bind("", &name, &[]).execute("").sync();
+                } else {
+                    if reparse {
+                        a.parse(&name, sql);
+                    }
+                    a.bind("", &name, &[]).describe(b'P', "").execute("").sync();
+                }
+                step(&step_name, a.run().await);
+            }
+        }
+    }
+    // A refused Parse leaves no name behind: binding it is 26000, and the
+    // name can be prepared again.
+    step(
+        "bind refused",
+        a.bind("", "js_aborted", &[]).execute("").sync().run().await,
+    );
+    step("bad parse", a.parse("bad", "selec 1").sync().run().await);
+    step(
+        "parse again",
+        a.parse("bad", "select 'fixed'").sync().run().await,
+    );
+    step(
+        "bind again",
+        a.bind("", "bad", &[]).execute("").sync().run().await,
+    );
+    // Pipelined past a Sync into a failed transaction.
+    step("begin", a.query("BEGIN").run().await);
+    a.parse("p_fail", "select 1/0")
+        .bind("", "p_fail", &[])
+        .execute("")
+        .sync()
+        .parse("p_two", "select 2")
+        .bind("", "p_two", &[])
+        .execute("")
+        .sync()
+        .parse("p_rollback", "rollback")
+        .bind("", "p_rollback", &[])
+        .execute("")
+        .sync();
+    let mut lines = a.run().await;
+    lines.extend(a.until_ready().await.iter().map(Msg::line));
+    lines.extend(a.until_ready().await.iter().map(Msg::line));
+    step("pipelined", lines);
+    step(
+        "bind refused",
+        a.bind("", "p_two", &[]).execute("").sync().run().await,
+    );
+    step(
+        "still works",
+        a.bind("", "js_after", &[]).execute("").sync().run().await,
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_recover_at_rollback_after_an_error() {
+    let pg = start_pg(HbaAuth::Trust);
+    let proxy = start_proxy(&pg, "transaction", 1, TRUST);
+    let lines = differential(&pg, &proxy, named_statements_in_failed_transaction_scenario).await;
+    for must in [
+        "round 1 js rollback: CommandComplete ROLLBACK",
+        "round 2 jdbc rollback: CommandComplete ROLLBACK",
+        "round 2 js after: DataRow",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(must)),
+            "{must}\n{lines:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statement_commands_in_failed_transaction() {
     let pg = start_pg(HbaAuth::Trust);

@@ -93,8 +93,9 @@ enum Visibility {
 #[derive(Debug, Clone)]
 pub enum Undo {
     None,
-    /// A Parse that prepares this statement: if it failed or was skipped, the
-    /// server does not have it; if it succeeded, the statement is valid.
+    /// A Parse the proxy injected to prepare this statement: if it failed or
+    /// was skipped, the server does not have it; if it succeeded, the
+    /// statement is valid.
     Prepared(Arc<Statement>),
     /// A Close that evicted it: if skipped, the server still has it.
     Closed(u64),
@@ -102,9 +103,16 @@ pub enum Undo {
     /// plan went stale (the table changed), the next Parse of the text must
     /// prepare it afresh.
     Uses(Arc<Statement>),
-    /// A Parse the server judges (in a failed transaction): the client's name
-    /// is registered only if the server accepts it.
-    Register(Bytes, Arc<Statement>),
+    /// The client's named Parse. Its name was registered when the Parse went
+    /// out, so that the Bind and Describe pipelined behind it find it; if the
+    /// server refuses or skips the Parse (25P02 in a failed transaction, a
+    /// syntax error), the name is withdrawn, as PostgreSQL never created it.
+    /// `prepared`: this Parse also prepared the proxy-wide name on the server.
+    Named {
+        name: Bytes,
+        stmt: Arc<Statement>,
+        prepared: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -133,8 +141,9 @@ pub struct Pipeline {
     /// The server is in COPY FROM STDIN of an extended-protocol Execute, where
     /// it ignores Sync and Flush until CopyDone or CopyFail.
     copy_in: bool,
-    /// Client statement names the server accepted (see [`Undo::Register`]).
-    pub accepted: Vec<(Bytes, Arc<Statement>)>,
+    /// Client statement names whose Parse the server refused or skipped (see
+    /// [`Undo::Named`]); the session withdraws them.
+    pub refused: Vec<(Bytes, Arc<Statement>)>,
 }
 
 impl Default for Pipeline {
@@ -145,7 +154,7 @@ impl Default for Pipeline {
             client_status: b'I',
             hidden_failed: false,
             copy_in: false,
-            accepted: Vec::new(),
+            refused: Vec::new(),
         }
     }
 }
@@ -183,6 +192,17 @@ impl Pipeline {
         self.client_status
     }
 
+    /// The transaction may be failed by the time the server reads the next
+    /// message: the client last saw a failed transaction, or a Sync or query
+    /// is still unanswered and may leave one.
+    pub fn may_be_failed(&self) -> bool {
+        self.client_status == b'E'
+            || self.queue.iter().any(|p| {
+                p.visibility == Visibility::Client
+                    && matches!(p.reply, Reply::Sync | Reply::Query | Reply::FunctionCall)
+            })
+    }
+
     pub fn request(&mut self, reply: Reply, undo: Undo) {
         self.queue.push_back(Pending {
             reply,
@@ -202,13 +222,19 @@ impl Pipeline {
     /// Answers a request in the proxy: at once if nothing is outstanding,
     /// otherwise when the replies before it have gone out.
     pub fn synthetic(&mut self, reply: Synthetic, out: &mut BytesMut) {
+        self.synthetic_undoable(reply, Undo::None, out);
+    }
+
+    /// Like [`synthetic`](Self::synthetic), with what to undo if an error
+    /// before it makes the server skip the request it stands for.
+    pub fn synthetic_undoable(&mut self, reply: Synthetic, undo: Undo, out: &mut BytesMut) {
         if self.queue.is_empty() {
             reply.encode(out, self.client_status);
         } else {
             self.queue.push_back(Pending {
                 reply: Reply::Sync,
                 visibility: Visibility::Synthetic(reply),
-                undo: Undo::None,
+                undo,
             });
         }
     }
@@ -279,13 +305,18 @@ impl Pipeline {
                 self.skip_to_sync(cache);
             }
             (backend::ERROR_RESPONSE, undone) => {
-                undo(undone, cache);
+                self.undo(undone, cache);
                 self.skip_to_sync(cache);
             }
-            (backend::PARSE_COMPLETE, Undo::Prepared(stmt)) => stmt.mark_validated(),
-            (backend::PARSE_COMPLETE, Undo::Register(name, stmt)) => {
-                self.accepted.push((name, stmt))
-            }
+            (backend::PARSE_COMPLETE, Undo::Prepared(stmt))
+            | (
+                backend::PARSE_COMPLETE,
+                Undo::Named {
+                    stmt,
+                    prepared: true,
+                    ..
+                },
+            ) => stmt.mark_validated(),
             _ => {}
         }
         self.emit_ready_synthetics(out);
@@ -311,7 +342,7 @@ impl Pipeline {
                 return;
             }
             if let Some(p) = self.queue.pop_front() {
-                undo(p.undo, cache);
+                self.undo(p.undo, cache);
             }
         }
         self.skipping = true;
@@ -327,18 +358,29 @@ impl Pipeline {
             self.queue.pop_front();
         }
     }
+
+    /// Puts right what a request that never ran would have done.
+    fn undo(&mut self, undo: Undo, cache: &mut ServerStatements) {
+        match undo {
+            Undo::None | Undo::Uses(_) => {}
+            Undo::Prepared(stmt) => cache.forget(stmt.id),
+            Undo::Closed(id) => cache.restore(id),
+            Undo::Named {
+                name,
+                stmt,
+                prepared,
+            } => {
+                if prepared {
+                    cache.forget(stmt.id);
+                }
+                self.refused.push((name, stmt));
+            }
+        }
+    }
 }
 
 /// "cached plan must not change result type".
 const STALE_PLAN: &str = "0A000";
-
-fn undo(undo: Undo, cache: &mut ServerStatements) {
-    match undo {
-        Undo::None | Undo::Uses(_) | Undo::Register(..) => {}
-        Undo::Prepared(stmt) => cache.forget(stmt.id),
-        Undo::Closed(id) => cache.restore(id),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -413,6 +455,65 @@ mod tests {
         p.on_server_message(b'Z', &rfq(b'I'), &mut out, &mut cache);
         assert_eq!(&out[..], &[msg(b'E'), rfq(b'I')].concat()[..]);
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn refused_or_skipped_named_parses_are_withdrawn() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let registry = StatementRegistry::default();
+        let refused = registry.intern(b"select 1\0\0\0");
+        let skipped = registry.intern(b"select 2\0\0\0");
+        cache.insert(refused.id);
+        let mut out = BytesMut::new();
+        let named = |name: &'static str, stmt: &Arc<Statement>, prepared| Undo::Named {
+            name: Bytes::from_static(name.as_bytes()),
+            stmt: stmt.clone(),
+            prepared,
+        };
+        p.request(Reply::Parse, named("a", &refused, true));
+        p.synthetic_undoable(
+            Synthetic::ParseComplete,
+            named("b", &skipped, false),
+            &mut out,
+        );
+        p.request(Reply::Sync, Undo::None);
+        assert!(p.may_be_failed(), "a Sync is outstanding");
+        p.on_server_message(b'E', &msg(b'E'), &mut out, &mut cache);
+        let names: Vec<_> = p.refused.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, [Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        assert!(
+            !cache.touch(refused.id),
+            "the refused Parse prepared nothing"
+        );
+        assert_eq!(
+            &out[..],
+            &msg(b'E')[..],
+            "no ParseComplete for a skipped Parse"
+        );
+        p.on_server_message(b'Z', &rfq(b'E'), &mut out, &mut cache);
+        assert!(p.may_be_failed(), "the transaction is failed");
+    }
+
+    #[test]
+    fn accepted_named_parse_validates_its_statement() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let registry = StatementRegistry::default();
+        let stmt = registry.intern(b"rollback\0\0\0");
+        let mut out = BytesMut::new();
+        p.request(
+            Reply::Parse,
+            Undo::Named {
+                name: Bytes::from_static(b"r"),
+                stmt: stmt.clone(),
+                prepared: true,
+            },
+        );
+        p.on_server_message(b'1', &msg(b'1'), &mut out, &mut cache);
+        assert!(stmt.is_validated());
+        assert!(p.refused.is_empty());
+        assert!(!p.may_be_failed());
     }
 
     #[test]

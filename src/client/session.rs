@@ -442,8 +442,15 @@ impl Session {
         for body in rbuf_reports {
             self.track_parameter(&body);
         }
-        for (name, stmt) in self.pipeline.accepted.drain(..) {
-            self.statements.insert(name, stmt);
+        for (name, stmt) in self.pipeline.refused.drain(..) {
+            // Unless the client has since prepared the name anew.
+            if self
+                .statements
+                .get(&name)
+                .is_some_and(|s| Arc::ptr_eq(s, &stmt))
+            {
+                self.statements.remove(&name);
+            }
         }
         Ok(())
     }

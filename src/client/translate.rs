@@ -16,6 +16,10 @@ use crate::protocol::PgError;
 use crate::server::ServerConn;
 use crate::statements::Statement;
 
+/// The server-side name of a Parse that only asks the server whether it would
+/// accept a statement; never left prepared.
+const PROBE_NAME: &[u8] = b"pgsw_probe";
+
 /// What a client message did to the session's statement state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reset {
@@ -95,28 +99,41 @@ impl Translator<'_> {
             return Ok(());
         }
         let stmt = self.app.statements.intern(rest);
-        if self.pipeline.client_status() == b'E' {
-            // In a failed transaction the server decides (25P02 for all but
-            // COMMIT/ROLLBACK): ask it with an unnamed Parse of the same text.
-            messages::parse_renamed(self.to_server, b"", &stmt.body);
-            self.server.tx_status = b'?';
-            self.pipeline.request(
-                Reply::Parse,
-                Undo::Register(Bytes::copy_from_slice(name), stmt),
-            );
-            return Ok(());
-        }
-        self.statements
-            .insert(Bytes::copy_from_slice(name), stmt.clone());
-        if self.server.statements.touch(stmt.id) {
-            self.pipeline
-                .synthetic(Synthetic::ParseComplete, self.to_client);
-        } else {
+        let name = Bytes::copy_from_slice(name);
+        // Registered now, so the Bind and Describe pipelined behind the Parse
+        // find it; withdrawn if the server refuses or skips the Parse.
+        self.statements.insert(name.clone(), stmt.clone());
+        let on_server = self.server.statements.touch(stmt.id);
+        if !on_server {
             self.evict_for(stmt.id);
             messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
             self.server.tx_status = b'?';
+            let undo = Undo::Named {
+                name,
+                stmt,
+                prepared: true,
+            };
+            self.pipeline.request(Reply::Parse, undo);
+            return Ok(());
+        }
+        let undo = Undo::Named {
+            name,
+            stmt: stmt.clone(),
+            prepared: false,
+        };
+        if self.pipeline.may_be_failed() {
+            // In a failed transaction PostgreSQL refuses a Parse of anything
+            // but COMMIT/ROLLBACK (25P02), so the server must judge this one
+            // although it has the statement: the same text under a scratch
+            // name, closed again at once.
+            messages::parse_renamed(self.to_server, PROBE_NAME, &stmt.body);
+            self.pipeline.request(Reply::Parse, undo);
+            messages::close_statement(self.to_server, PROBE_NAME);
+            self.pipeline.hidden(Reply::Close, Undo::None);
+            self.server.tx_status = b'?';
+        } else {
             self.pipeline
-                .request(Reply::Parse, Undo::Prepared(stmt.clone()));
+                .synthetic_undoable(Synthetic::ParseComplete, undo, self.to_client);
         }
         Ok(())
     }
