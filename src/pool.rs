@@ -96,7 +96,13 @@ pub struct Pool {
     active: AtomicUsize,
     waiting: AtomicUsize,
     params: Mutex<ParamCache>,
+    /// Extra connections for checking startup parameters (see `param_checker`).
+    checkers: Arc<Semaphore>,
 }
+
+/// Extra server connections a pool may open at once to check new startup
+/// parameters while all of its own are busy.
+const PARAM_CHECKERS: usize = 2;
 
 /// Startup parameter sets already validated on this pool's servers, and what
 /// the servers report by default, so a client whose startup parameters were seen
@@ -123,6 +129,7 @@ impl Pool {
             active: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             params: Mutex::new(ParamCache::default()),
+            checkers: Arc::new(Semaphore::new(PARAM_CHECKERS)),
         })
     }
 
@@ -156,6 +163,15 @@ impl Pool {
                 }
             }
         };
+        self.checkout(permit).await
+    }
+
+    /// An idle connection, or a new one, for a caller holding a pool slot.
+    async fn checkout(
+        self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Checkout, PoolError> {
+        let settings = self.settings.load_full();
         let conn = match self.take_idle(&settings) {
             Some(conn) => conn,
             // Boxed: connecting (TLS, SCRAM) is a large future that is rarely
@@ -168,6 +184,40 @@ impl Pool {
             pool: self.clone(),
             _permit: permit,
         })
+    }
+
+    /// A server connection to check a client's new startup parameters on: a
+    /// pooled one if one is free now, otherwise a short-lived connection of
+    /// its own, so that a login never queues behind busy sessions (clients
+    /// and drivers have connect timeouts; a queue belongs at the first query).
+    /// At most `PARAM_CHECKERS` such extra connections per pool at a time.
+    pub async fn param_checker(self: &Arc<Self>) -> Result<ParamChecker, PoolError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return self.checkout(permit).await.map(ParamChecker::Pooled);
+        }
+        let settings = self.settings.load_full();
+        let wait = tokio::time::timeout(
+            settings.query_wait_timeout,
+            self.checkers.clone().acquire_owned(),
+        );
+        let permit = match wait.await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(PoolError::Closed(self.key.to_string())),
+            Err(_) => {
+                return Err(PoolError::WaitTimeout {
+                    key: self.key.to_string(),
+                    timeout: settings.query_wait_timeout,
+                    size: settings.size,
+                })
+            }
+        };
+        let conn = ServerConn::connect(
+            self.addr.clone(),
+            &settings.login,
+            settings.connect_timeout,
+            settings.statements_per_server,
+        );
+        Ok(ParamChecker::OneOff(Box::pin(conn).await?, permit))
     }
 
     /// The most recently used idle connection that is still good: warm caches,
@@ -337,6 +387,28 @@ impl Pool {
             idle: self.idle.lock().map(|i| i.len()).unwrap_or(0),
             active: self.active.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where a login checks new startup parameters: a pooled connection, given
+/// back afterwards, or an extra one, closed afterwards.
+pub enum ParamChecker {
+    Pooled(Checkout),
+    OneOff(ServerConn, OwnedSemaphorePermit),
+}
+
+impl ParamChecker {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        match self {
+            ParamChecker::Pooled(checkout) => checkout,
+            ParamChecker::OneOff(conn, _) => conn,
+        }
+    }
+
+    pub fn finish(self) {
+        if let ParamChecker::Pooled(checkout) = self {
+            checkout.release();
         }
     }
 }

@@ -582,16 +582,17 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
 
     let c2 = connect(port).await;
     let c3 = connect(port).await;
-    // Each session client holds its own server connection, even when idle.
-    wait_conns(&admin, USER, Duration::from_secs(5), "three clients", |n| {
-        n == 3
-    })
-    .await;
     let pids = [
         backend_pid(&c1).await,
         backend_pid(&c2).await,
         backend_pid(&c3).await,
     ];
+    // From its first query on, each session client holds its own server
+    // connection, even when idle.
+    wait_conns(&admin, USER, Duration::from_secs(5), "three clients", |n| {
+        n == 3
+    })
+    .await;
     assert!(
         pids[0] != pids[1] && pids[1] != pids[2] && pids[0] != pids[2],
         "{pids:?}"
@@ -607,6 +608,7 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
     assert!(server_conns(&admin, USER).await <= 3);
     let c5 = connect(port).await;
     let c6 = connect(port).await;
+    let (pid5, pid6) = (backend_pid(&c5).await, backend_pid(&c6).await);
     wait_conns(
         &admin,
         USER,
@@ -615,7 +617,7 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
         |n| n == 3,
     )
     .await;
-    assert_ne!(backend_pid(&c5).await, backend_pid(&c6).await);
+    assert_ne!(pid5, pid6);
     drop(c5);
     drop(c6);
 
@@ -698,6 +700,68 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
     drop(proxy);
 }
 
+/// Session mode with every server taken: a new client's login completes at
+/// once (well inside a client-side connect timeout shorter than the wait), and
+/// its first query waits for a server, as with PgBouncer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_logs_in_at_once_and_waits_at_the_first_query() {
+    let pg = start_pg();
+    let port = free_port();
+    let _proxy = Proxy::start(&proxy_toml(
+        port,
+        pg.port,
+        &[("pool_mode", "session"), ("default_pool_size", "1")],
+        "",
+    ));
+    let mut holder = connect(port).await;
+    backend_pid(&holder).await;
+    // A second set of startup parameters is checked on a server of its own:
+    // the only pooled one is taken.
+    for app in [None, Some("late_client")] {
+        let mut cfg = client_config(port, USER);
+        cfg.connect_timeout(Duration::from_secs(1));
+        if let Some(app) = app {
+            cfg.application_name(app);
+        }
+        let started = Instant::now();
+        let (late, conn) = cfg.connect(NoTls).await.unwrap_or_else(|e| {
+            panic!(
+                "login with {app:?} while the pool is taken: {}",
+                describe(&e)
+            )
+        });
+        let login = started.elapsed();
+        tokio::spawn(conn);
+        assert!(login < Duration::from_millis(500), "login took {login:?}");
+        // The first query waits until the holder's session ends.
+        let query = tokio::spawn(async move {
+            let row = late
+                .query_one("SELECT current_setting('application_name')", &[])
+                .await;
+            (row.map(|r| r.get::<_, String>(0)), late)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !query.is_finished(),
+            "the first query did not wait for a server"
+        );
+        let holder_gone = Instant::now();
+        drop(holder);
+        let (row, late) = tokio::time::timeout(Duration::from_secs(10), query)
+            .await
+            .expect("the first query never got a server")
+            .expect("query task");
+        let app_name = row.unwrap_or_else(|e| panic!("first query: {}", describe(&e)));
+        assert_eq!(app_name, app.unwrap_or(""), "startup parameter lost");
+        eprintln!(
+            "login {login:?}, first query {:?} after the server freed",
+            holder_gone.elapsed()
+        );
+        // The late client holds the server now; the next round waits for it.
+        holder = late;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_pool_mode_session_overrides_transaction_mode() {
     let pg = start_pg();
@@ -714,6 +778,7 @@ async fn per_user_pool_mode_session_overrides_transaction_mode() {
     let c1 = connect_as(port, "sess").await;
     check_session_state_persists(&c1).await;
     let c2 = connect_as(port, "sess").await;
+    backend_pid(&c2).await;
     wait_conns(
         &admin,
         "sess",

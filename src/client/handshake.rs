@@ -15,13 +15,13 @@ use crate::app::App;
 use crate::cancel::CancelKey;
 use crate::config::ClientTlsMode;
 use crate::config::PoolMode;
-use crate::pool::{Checkout, Pool, PoolKey};
+use crate::pool::{Pool, PoolKey};
 use crate::protocol::error::sqlstate;
 use crate::protocol::framing::{GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
 use crate::protocol::messages;
 use crate::protocol::{PgError, StartupPacket};
 use crate::session_params::{ParamSet, Reported};
-use crate::switch::{Backend, InFlight};
+use crate::switch::Backend;
 use crate::tls::{ClientTls, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
 
 /// Serves one client connection to its end, and logs how it ended.
@@ -95,8 +95,6 @@ pub struct Established {
     pub pool_key: PoolKey,
     pub mode: PoolMode,
     pub params: Arc<ParamSet>,
-    pub server: Option<Checkout>,
-    pub in_flight: Option<InFlight>,
     pub cancel: CancelKey,
 }
 
@@ -317,7 +315,8 @@ async fn login(
     let pool = app.pool_for(&backend, &pool_key);
     let mode = config.pool_mode_for(config.user(&pool_key.user));
     let raw_params = Arc::new(raw_params);
-    let (params, server, reported) = login_params(&pool, &raw_params, mode).await?;
+    let (params, reported) = login_params(&pool, &raw_params).await?;
+    drop(in_flight);
 
     let cancel = app.cancels.register(id);
     let mut out = BytesMut::with_capacity(512);
@@ -328,23 +327,12 @@ async fn login(
     messages::ready_for_query(&mut out, b'I');
     conn.send(&out).await?;
 
-    if let Some(server) = &server {
-        cancel.slot.set(Some(crate::cancel::CancelTarget {
-            addr: server.addr.clone(),
-            pid: server.backend_pid,
-            secret: server.backend_secret,
-        }));
-    }
-    // A session-mode session is in flight as long as it holds its server.
-    let in_flight = server.as_ref().map(|_| in_flight);
     Ok(Some(Established {
         backend,
         pool,
         pool_key,
         mode,
         params,
-        server,
-        in_flight,
         cancel,
     }))
 }
@@ -386,19 +374,18 @@ async fn negotiate_version(
 }
 
 /// Validates the client's startup parameters on a server (once per distinct
-/// set per pool) and returns the normalized set, the server connection to keep
-/// (session mode), and the ParameterStatus list to report.
-async fn login_params(
-    pool: &Arc<Pool>,
-    raw: &Arc<ParamSet>,
-    mode: PoolMode,
-) -> Result<LoginParams, ClientError> {
-    if mode == PoolMode::Transaction {
-        if let Some((set, reported)) = pool.known_params(raw) {
-            return Ok((set, None, reported));
-        }
+/// set per pool) and returns the normalized set and the ParameterStatus list
+/// to report. No server is kept: in session mode too the session takes its
+/// server at the client's first message, so a login never waits for one.
+async fn login_params(pool: &Arc<Pool>, raw: &Arc<ParamSet>) -> Result<LoginParams, ClientError> {
+    if let Some(known) = pool.known_params(raw) {
+        return Ok(known);
     }
-    let mut server = pool.acquire().await.map_err(|e| e.to_client_error())?;
+    let mut checker = pool
+        .param_checker()
+        .await
+        .map_err(|e| e.to_client_error())?;
+    let server = checker.conn();
     let mut normalized = (**raw).clone();
     if let Some(sql) = raw.transition_sql(&server.applied) {
         let reports = server
@@ -411,12 +398,8 @@ async fn login_params(
     server.applied = set.clone();
     pool.remember_params(raw, &set);
     let reported = server.reported.clone();
-    if mode == PoolMode::Transaction {
-        server.release();
-        Ok((set, None, reported))
-    } else {
-        Ok((set, Some(server), reported))
-    }
+    checker.finish();
+    Ok((set, reported))
 }
 
-type LoginParams = (Arc<ParamSet>, Option<Checkout>, Reported);
+type LoginParams = (Arc<ParamSet>, Reported);

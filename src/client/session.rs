@@ -85,8 +85,8 @@ impl Session {
             cbuf: conn.buf,
             to_client: BytesMut::new(),
             to_server: BytesMut::new(),
-            server: login.server,
-            in_flight: login.in_flight,
+            server: None,
+            in_flight: None,
             backend: login.backend,
             pool: login.pool,
             pool_key: login.pool_key,
@@ -166,7 +166,8 @@ impl Session {
                 )
                 .into());
             }
-            if idle && session_mode && *draining.borrow() {
+            let holds_server = self.server.is_some();
+            if idle && session_mode && holds_server && *draining.borrow() {
                 // A cutover is switching servers: the session's state can't
                 // follow, so it ends here, between transactions, and the
                 // client reconnects to the new side.
@@ -184,7 +185,7 @@ impl Session {
             let pumped = tokio::select! {
                 r = self.pump() => r,
                 _ = shutdown.changed(), if idle => continue,
-                _ = draining.changed(), if idle && session_mode => continue,
+                _ = draining.changed(), if idle && session_mode && holds_server => continue,
             };
             match pumped {
                 Ok(()) => {}
@@ -289,7 +290,13 @@ impl Session {
             self.backend = active;
         }
         let mut server = self.pool.acquire().await.map_err(|e| e.to_client_error())?;
-        self.sync_params(&mut server);
+        if self.mode == PoolMode::Session {
+            // Session mode relays the server's replies unfiltered: the
+            // parameters are set before the client's first message goes out.
+            self.apply_params(&mut server).await?;
+        } else {
+            self.sync_params(&mut server);
+        }
         self.cancel.slot.set(Some(CancelTarget {
             addr: server.addr.clone(),
             pid: server.backend_pid,
@@ -297,6 +304,20 @@ impl Session {
         }));
         self.server = Some(server);
         self.in_flight = Some(in_flight);
+        Ok(())
+    }
+
+    /// Moves the server to the client's parameters now, for session mode.
+    async fn apply_params(&mut self, server: &mut ServerConn) -> Result<(), ClientError> {
+        if !Arc::ptr_eq(&server.applied, &self.params) {
+            if let Some(sql) = self.params.transition_sql(&server.applied) {
+                server
+                    .run_hidden(&sql)
+                    .await
+                    .map_err(|e| e.to_client_error())?;
+            }
+            server.applied = self.params.clone();
+        }
         Ok(())
     }
 
