@@ -231,7 +231,9 @@ impl Verdict {
         }
         let missing = expected
             .iter()
-            .filter(|s| !passed.contains(s) && !failed.iter().any(|f| f.starts_with(&format!("{s}:"))))
+            .filter(|s| {
+                !passed.contains(s) && !failed.iter().any(|f| f.starts_with(&format!("{s}:")))
+            })
             .cloned()
             .collect();
         Verdict {
@@ -303,7 +305,9 @@ fn pgjdbc_installed() -> Result<(), String> {
         return Err("java is not installed".into());
     }
     if !Path::new(PGJDBC_JAR).exists() {
-        return Err(format!("{PGJDBC_JAR} is missing (Debian: libpostgresql-jdbc-java)"));
+        return Err(format!(
+            "{PGJDBC_JAR} is missing (Debian: libpostgresql-jdbc-java)"
+        ));
     }
     Ok(())
 }
@@ -322,7 +326,11 @@ fn node_modules(names: &[&str]) -> Result<(), String> {
 }
 
 fn python_module(name: &str) -> Result<(), String> {
-    if succeeds("python3", &["-c", &format!("import {name}")], Path::new("/")) {
+    if succeeds(
+        "python3",
+        &["-c", &format!("import {name}")],
+        Path::new("/"),
+    ) {
         Ok(())
     } else {
         Err(format!(
@@ -334,7 +342,10 @@ fn python_module(name: &str) -> Result<(), String> {
 fn libpq_tools() -> Result<(), String> {
     for tool in [psql_bin(), pgbench_bin()] {
         if !tool.exists() {
-            return Err(format!("{} is missing (Debian: postgresql-client-15)", tool.display()));
+            return Err(format!(
+                "{} is missing (Debian: postgresql-client-15)",
+                tool.display()
+            ));
         }
     }
     Ok(())

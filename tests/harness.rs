@@ -44,12 +44,6 @@ async fn check_server(pg: &PgServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg15_and_pg17_concurrently() {
-    let have17 = pg17_bin_dir().is_some();
-    if !have17 {
-        eprintln!(
-            "NOTE: PostgreSQL 17 is not available (run scripts/install-pg17.sh); checking 15 only"
-        );
-    }
     let h15 = std::thread::spawn(|| PgServer::start(PgOptions::default()));
     let h17 = std::thread::spawn(|| {
         PgServer::start(PgOptions {
@@ -67,20 +61,12 @@ async fn pg15_and_pg17_concurrently() {
         pg15.version_num
     );
     assert_eq!(pg15.version, PgVersion::V15);
-    if have17 {
-        assert!(
-            (170000..180000).contains(&pg17.version_num),
-            "{}",
-            pg17.version_num
-        );
-        assert_eq!(pg17.version, PgVersion::V17);
-    } else {
-        assert!(
-            (150000..160000).contains(&pg17.version_num),
-            "{}",
-            pg17.version_num
-        );
-    }
+    assert!(
+        (170000..180000).contains(&pg17.version_num),
+        "{}",
+        pg17.version_num
+    );
+    assert_eq!(pg17.version, PgVersion::V17);
 
     check_server(&pg15).await;
     check_server(&pg17).await;

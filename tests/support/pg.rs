@@ -94,21 +94,24 @@ pub fn pg17_bin_dir() -> Option<PathBuf> {
     .clone()
 }
 
-/// Resolves the version actually used (17 falls back to 15 with a note on
-/// stderr) and its bin dir.
+/// The bin dir of a version. A missing PostgreSQL 17 fails the test: a
+/// cross-version test run on 15 alone would pass without testing what it says.
 fn resolve_version(v: PgVersion) -> (PgVersion, PathBuf) {
     match v {
         PgVersion::V15 => (PgVersion::V15, pg15_bin_dir()),
         PgVersion::V17 => match pg17_bin_dir() {
             Some(d) => (PgVersion::V17, d),
-            None => {
-                eprintln!(
-                    "PostgreSQL 17 not found (run scripts/install-pg17.sh); falling back to 15"
-                );
-                (PgVersion::V15, pg15_bin_dir())
-            }
+            None => panic!("{}", missing_prerequisite("PostgreSQL 17")),
         },
     }
+}
+
+/// The message of a test that cannot run because `what` is not installed.
+pub fn missing_prerequisite(what: &str) -> String {
+    format!(
+        "{what} is not installed: this test cannot run. Install the test \
+         prerequisites with `bash scripts/test-deps.sh` (see README, Tests)."
+    )
 }
 
 fn pg_command(program: PathBuf) -> Command {
