@@ -41,13 +41,19 @@ pub struct ParamSet {
 
 impl ParamSet {
     /// The parameters a client sent at startup, with `options` expanded.
+    /// As in PostgreSQL, `options` applies first and a parameter given on its
+    /// own wins over the same one in `options`, wherever each stands in the
+    /// packet (pgjdbc sends `options` last).
     pub fn from_startup(params: &[(String, String)]) -> Result<ParamSet, PgError> {
         let mut set = ParamSet::default();
+        for (_, value) in params.iter().filter(|(name, _)| name == "options") {
+            for (n, v) in parse_options(value)? {
+                set.insert(&n, v);
+            }
+        }
         for (name, value) in params {
             if name == "options" {
-                for (n, v) in parse_options(value)? {
-                    set.insert(&n, v);
-                }
+                continue;
             } else if name == "replication" {
                 return Err(PgError::fatal(
                     sqlstate::FEATURE_NOT_SUPPORTED,
@@ -262,6 +268,23 @@ mod tests {
                 ("statement_timeout", "5s")
             ]
         );
+    }
+
+    #[test]
+    fn a_parameter_of_its_own_wins_over_options() {
+        // pgjdbc's order: the parameters, then options.
+        let set = ParamSet::from_startup(&startup(&[
+            ("TimeZone", "America/Denver"),
+            ("search_path", "x_param"),
+            (
+                "options",
+                "-c TimeZone=Asia/Tokyo -c search_path=x_opts -c work_mem=1MB",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(set.get("timezone"), Some("America/Denver"));
+        assert_eq!(set.get("search_path"), Some("x_param"));
+        assert_eq!(set.get("work_mem"), Some("1MB"));
     }
 
     #[test]
