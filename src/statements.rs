@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 
@@ -26,6 +26,13 @@ pub struct Statement {
     /// A server reported the cached plan stale after a schema change; the next
     /// Parse of this text gets a new statement (and server-side name).
     stale: AtomicBool,
+    /// The result columns (see [`result_columns`]) as the statement's first
+    /// preparation described them: what every client that prepared it was told.
+    shape: OnceLock<Bytes>,
+    /// Prepared afresh on another server, the statement described other
+    /// result columns: the schema changed under it, and PostgreSQL answers
+    /// such a statement with 0A000 until the client prepares it again.
+    result_changed: AtomicBool,
 }
 
 impl Statement {
@@ -40,21 +47,58 @@ impl Statement {
     pub fn mark_stale(&self) {
         self.stale.store(true, Ordering::Relaxed);
     }
+
+    pub fn shape_known(&self) -> bool {
+        self.shape.get().is_some()
+    }
+
+    /// Records the result columns a server described (a RowDescription
+    /// body, empty for NoData); the first description is the statement's, and
+    /// a different later one means the schema changed under it.
+    pub fn check_shape(&self, described: &[u8]) {
+        let columns = result_columns(described);
+        let first = self.shape.get_or_init(|| columns.clone());
+        if *first != columns {
+            self.result_changed.store(true, Ordering::Relaxed);
+            self.mark_stale();
+        }
+    }
+
+    pub fn result_changed(&self) -> bool {
+        self.result_changed.load(Ordering::Relaxed)
+    }
 }
 
 /// Interns statements by their exact Parse body, so equal statements from
-/// different clients share a server-side preparation.
+/// different clients share a server-side preparation. Clients whose
+/// `search_path` differs never share one: the same text can name other
+/// tables for them.
 #[derive(Default)]
 pub struct StatementRegistry {
-    by_body: Mutex<HashMap<Bytes, Weak<Statement>>>,
+    by_scope: Mutex<HashMap<Bytes, Scope>>,
     next_id: AtomicU64,
-    prune_at: AtomicU64,
+}
+
+/// The statements of one `search_path`.
+#[derive(Default)]
+struct Scope {
+    by_body: HashMap<Bytes, Weak<Statement>>,
+    prune_at: usize,
 }
 
 impl StatementRegistry {
     pub fn intern(&self, body: &[u8]) -> Arc<Statement> {
-        let mut map = self.by_body.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(stmt) = map.get(body).and_then(Weak::upgrade) {
+        self.intern_scoped(b"", body)
+    }
+
+    /// The statement for `body` among clients whose `search_path` is `scope`.
+    pub fn intern_scoped(&self, scope: &[u8], body: &[u8]) -> Arc<Statement> {
+        let mut scopes = self.by_scope.lock().unwrap_or_else(|e| e.into_inner());
+        let scope = match scopes.get_mut(scope) {
+            Some(s) => s,
+            None => scopes.entry(Bytes::copy_from_slice(scope)).or_default(),
+        };
+        if let Some(stmt) = scope.by_body.get(body).and_then(Weak::upgrade) {
             if !stmt.stale.load(Ordering::Relaxed) {
                 return stmt;
             }
@@ -67,16 +111,42 @@ impl StatementRegistry {
             body: body.clone(),
             validated: AtomicBool::new(false),
             stale: AtomicBool::new(false),
+            shape: OnceLock::new(),
+            result_changed: AtomicBool::new(false),
         });
-        map.insert(body, Arc::downgrade(&stmt));
+        scope.by_body.insert(body, Arc::downgrade(&stmt));
         // Statements no client holds any more are dropped now and then; ids are
         // never reused, so a server that still has the old one prepared is harmless.
-        if map.len() as u64 > self.prune_at.load(Ordering::Relaxed) {
-            map.retain(|_, s| s.strong_count() > 0);
-            self.prune_at
-                .store((map.len() as u64 * 2).max(1024), Ordering::Relaxed);
+        if scope.by_body.len() > scope.prune_at {
+            scope.by_body.retain(|_, s| s.strong_count() > 0);
+            scope.prune_at = (scope.by_body.len() * 2).max(1024);
         }
         stmt
+    }
+}
+
+/// What PostgreSQL compares when it revalidates a prepared statement's
+/// result (its tuple descriptor): each column's name, type, length and type
+/// modifier, not the table it came from. A malformed description is kept
+/// whole.
+fn result_columns(row_description: &[u8]) -> Bytes {
+    fn columns(mut b: &[u8]) -> Option<Vec<u8>> {
+        let count = u16::from_be_bytes(b.get(..2)?.try_into().ok()?);
+        b = &b[2..];
+        let mut out = Vec::with_capacity(b.len());
+        for _ in 0..count {
+            let name_end = b.iter().position(|&c| c == 0)?;
+            out.extend_from_slice(b.get(..=name_end)?);
+            // Table oid (4) and column number (2) skipped; type oid (4),
+            // length (2) and modifier (4) kept; format (2) skipped.
+            out.extend_from_slice(b.get(name_end + 7..name_end + 17)?);
+            b = b.get(name_end + 19..)?;
+        }
+        Some(out)
+    }
+    match columns(row_description) {
+        Some(c) => Bytes::from(c),
+        None => Bytes::copy_from_slice(row_description),
     }
 }
 
@@ -176,6 +246,45 @@ mod tests {
         let first = reg.intern(b"q\0\0\0").id;
         let second = reg.intern(b"q\0\0\0").id;
         assert_ne!(first, second, "no client held the first one");
+    }
+
+    /// A RowDescription body: (name, table oid, type oid) per column.
+    fn row_description(columns: &[(&str, u32, u32)]) -> Vec<u8> {
+        let mut b = (columns.len() as u16).to_be_bytes().to_vec();
+        for (name, table, ty) in columns {
+            b.extend_from_slice(name.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&table.to_be_bytes());
+            b.extend_from_slice(&1u16.to_be_bytes());
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&4i16.to_be_bytes());
+            b.extend_from_slice(&(-1i32).to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn a_changed_description_marks_the_result_changed() {
+        let reg = StatementRegistry::default();
+        let stmt = reg.intern(b"select * from t\0\0\0");
+        stmt.check_shape(&row_description(&[("a", 100, 23)]));
+        // Another table with the same columns is the same result.
+        stmt.check_shape(&row_description(&[("a", 200, 23)]));
+        assert!(!stmt.result_changed());
+        stmt.check_shape(&row_description(&[("a", 100, 23), ("b", 100, 25)]));
+        assert!(stmt.result_changed());
+        let fresh = reg.intern(b"select * from t\0\0\0");
+        assert_ne!(fresh.id, stmt.id, "the next Parse prepares it afresh");
+    }
+
+    #[test]
+    fn search_paths_never_share_a_statement() {
+        let reg = StatementRegistry::default();
+        let a = reg.intern_scoped(b"a", b"select * from t\0\0\0");
+        let b = reg.intern_scoped(b"b", b"select * from t\0\0\0");
+        assert_ne!(a.id, b.id);
+        assert_eq!(reg.intern_scoped(b"a", b"select * from t\0\0\0").id, a.id);
     }
 
     #[test]

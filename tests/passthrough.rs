@@ -1637,6 +1637,128 @@ async fn prepared_statement_result_type_change_gives_server_error() {
     );
 }
 
+/// A result-type change seen from a server connection that never prepared
+/// the statement: the proxy prepares it there afresh, and must still answer
+/// 0A000 (and fail the transaction) as PostgreSQL does for a statement
+/// prepared before the change, until the client prepares it again.
+async fn result_type_change_on_another_server_scenario(port: u16) -> Vec<String> {
+    let (mut a, _) = Raw::connect(port, &[]).await;
+    let (mut holder, _) = Raw::connect(port, &[]).await;
+    let (mut ddl, _) = Raw::connect(port, &[]).await;
+    let mut out = Vec::new();
+    let mut step = |name: &str, lines: Vec<String>| {
+        out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
+    };
+    ddl.query("drop table if exists ro; create table ro (a int); insert into ro values (1)")
+        .run()
+        .await;
+    step(
+        "a prepares",
+        a.parse("S_ro", "select * from ro")
+            .bind("", "S_ro", &[])
+            .execute("")
+            .sync()
+            .run()
+            .await,
+    );
+    // The holder takes the server that has the statement; the ALTER and
+    // a's next transactions run on another one.
+    step("holder", holder.query("BEGIN; SELECT 1").run().await);
+    ddl.query("alter table ro add column b int default 7")
+        .run()
+        .await;
+    step(
+        "a stale",
+        a.bind("", "S_ro", &[]).execute("").sync().run().await,
+    );
+    step(
+        "a stale again",
+        a.bind("", "S_ro", &[])
+            .describe(b'P', "")
+            .execute("")
+            .sync()
+            .run()
+            .await,
+    );
+    step("a describes", a.describe(b'S', "S_ro").sync().run().await);
+    step("a begins", a.query("BEGIN").run().await);
+    step(
+        "a stale in a transaction",
+        a.bind("", "S_ro", &[]).execute("").sync().run().await,
+    );
+    step("a aborted", a.query("SELECT 1").run().await);
+    step("a rolls back", a.query("ROLLBACK").run().await);
+    step("holder ends", holder.query("COMMIT").run().await);
+    step("a closes", a.close(b'S', "S_ro").sync().run().await);
+    step(
+        "a re-prepares",
+        a.parse("S_ro", "select * from ro")
+            .bind("", "S_ro", &[])
+            .execute("")
+            .sync()
+            .run()
+            .await,
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statement_result_type_change_on_another_server() {
+    let pg = start_pg(HbaAuth::Trust);
+    let proxy = start_proxy(&pg, "transaction", 2, TRUST);
+    let lines = differential(&pg, &proxy, result_type_change_on_another_server_scenario).await;
+    for must in [
+        "a stale: ErrorResponse 0A000 cached plan must not change result type",
+        "a stale in a transaction: ErrorResponse 0A000 cached plan must not change result type",
+        "a aborted: ErrorResponse 25P02",
+        "a re-prepares: DataRow [Some(\"1\"), Some(\"7\")]",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(must)),
+            "{must}\n{lines:#?}"
+        );
+    }
+}
+
+/// The same statement text means other tables to clients with another
+/// `search_path`: they never share a preparation.
+async fn same_text_other_search_path_scenario(port: u16) -> Vec<String> {
+    let (mut ddl, _) = Raw::connect(port, &[]).await;
+    ddl.query(
+        "drop schema if exists sp_a, sp_b cascade; create schema sp_a; create schema sp_b; \
+         create table sp_a.t (v int); insert into sp_a.t values (1); \
+         create table sp_b.t (v text, w text); insert into sp_b.t values ('b', 'w')",
+    )
+    .run()
+    .await;
+    let (mut a, _) = Raw::connect(port, &[("search_path", "sp_a")]).await;
+    let (mut b, _) = Raw::connect(port, &[("search_path", "sp_b")]).await;
+    let mut out = Vec::new();
+    for round in 0..2 {
+        for (who, c) in [("a", &mut a), ("b", &mut b)] {
+            if round == 0 {
+                c.parse("S_t", "select * from t").describe(b'S', "S_t");
+            }
+            let lines = c.bind("", "S_t", &[]).execute("").sync().run().await;
+            out.extend(lines.into_iter().map(|l| format!("{who} {round}: {l}")));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_statement_text_under_other_search_paths() {
+    let pg = start_pg(HbaAuth::Trust);
+    let proxy = start_proxy(&pg, "transaction", 1, TRUST);
+    let lines = differential(&pg, &proxy, same_text_other_search_path_scenario).await;
+    for must in [
+        "a 1: DataRow [Some(\"1\")]",
+        "b 1: DataRow [Some(\"b\"), Some(\"w\")]",
+    ] {
+        assert!(lines.iter().any(|l| l == must), "{must}\n{lines:#?}");
+    }
+}
+
 /// After a result-type change, closing and preparing the statement again is
 /// how a client recovers (PostgreSQL plans the new Parse afresh), also while
 /// another client still holds the same statement text.

@@ -86,6 +86,12 @@ enum Visibility {
     Client,
     /// Injected by the proxy: the reply is swallowed.
     Hidden,
+    /// Injected by the proxy on the client's behalf: success is swallowed, an
+    /// error is the answer to the client's request.
+    ErrorsShown,
+    /// A Describe of a statement whose result columns changed: the client gets
+    /// its ParameterDescription, then the error PostgreSQL raises there.
+    ParametersOnly,
     Synthetic(Synthetic),
 }
 
@@ -112,6 +118,13 @@ pub enum Undo {
         name: Bytes,
         stmt: Arc<Statement>,
         prepared: bool,
+    },
+    /// A Describe of this statement the proxy added to learn its result
+    /// columns (see [`Statement::check_shape`]). `gate`: the client's next
+    /// message waits for the answer.
+    Shape {
+        stmt: Arc<Statement>,
+        gate: bool,
     },
 }
 
@@ -144,6 +157,8 @@ pub struct Pipeline {
     /// Client statement names whose Parse the server refused or skipped (see
     /// [`Undo::Named`]); the session withdraws them.
     pub refused: Vec<(Bytes, Arc<Statement>)>,
+    /// Gating [`Undo::Shape`] describes not yet answered.
+    gates: usize,
 }
 
 impl Default for Pipeline {
@@ -155,6 +170,7 @@ impl Default for Pipeline {
             hidden_failed: false,
             copy_in: false,
             refused: Vec::new(),
+            gates: 0,
         }
     }
 }
@@ -204,19 +220,38 @@ impl Pipeline {
     }
 
     pub fn request(&mut self, reply: Reply, undo: Undo) {
+        self.push(reply, Visibility::Client, undo);
+    }
+
+    pub fn hidden(&mut self, reply: Reply, undo: Undo) {
+        self.push(reply, Visibility::Hidden, undo);
+    }
+
+    /// A request the proxy adds for the client: its error is the client's.
+    pub fn errors_shown(&mut self, reply: Reply, undo: Undo) {
+        self.push(reply, Visibility::ErrorsShown, undo);
+    }
+
+    /// A statement Describe whose ParameterDescription alone is the client's.
+    pub fn parameters_only(&mut self) {
+        self.push(Reply::Describe, Visibility::ParametersOnly, Undo::None);
+    }
+
+    fn push(&mut self, reply: Reply, visibility: Visibility, undo: Undo) {
+        if matches!(undo, Undo::Shape { gate: true, .. }) {
+            self.gates += 1;
+        }
         self.queue.push_back(Pending {
             reply,
-            visibility: Visibility::Client,
+            visibility,
             undo,
         });
     }
 
-    pub fn hidden(&mut self, reply: Reply, undo: Undo) {
-        self.queue.push_back(Pending {
-            reply,
-            visibility: Visibility::Hidden,
-            undo,
-        });
+    /// The client's next message waits: the proxy is learning whether a
+    /// statement it re-prepared still describes the same result columns.
+    pub fn gated(&self) -> bool {
+        self.gates > 0
     }
 
     /// Answers a request in the proxy: at once if nothing is outstanding,
@@ -265,7 +300,19 @@ impl Pipeline {
         let from_client = head.visibility == Visibility::Client;
         // A statement the proxy re-prepares can fail (the table changed): that
         // error is the answer to the client's Bind. Other hidden replies vanish.
-        let route = if from_client || (tag == backend::ERROR_RESPONSE && reply == Reply::Parse) {
+        let shown = match head.visibility {
+            Visibility::Client => true,
+            Visibility::Hidden => tag == backend::ERROR_RESPONSE && reply == Reply::Parse,
+            Visibility::ErrorsShown => tag == backend::ERROR_RESPONSE,
+            Visibility::ParametersOnly => {
+                matches!(
+                    tag,
+                    backend::ERROR_RESPONSE | backend::PARAMETER_DESCRIPTION
+                )
+            }
+            Visibility::Synthetic(_) => false,
+        };
+        let route = if shown {
             Route::Forward
         } else {
             Route::Swallow
@@ -317,6 +364,15 @@ impl Pipeline {
                     ..
                 },
             ) => stmt.mark_validated(),
+            (backend::ROW_DESCRIPTION | backend::NO_DATA, Undo::Shape { stmt, gate }) => {
+                let columns = if tag == backend::NO_DATA {
+                    &[][..]
+                } else {
+                    frame.get(5..).unwrap_or_default()
+                };
+                stmt.check_shape(columns);
+                self.gates -= usize::from(gate);
+            }
             _ => {}
         }
         self.emit_ready_synthetics(out);
@@ -375,6 +431,7 @@ impl Pipeline {
                 }
                 self.refused.push((name, stmt));
             }
+            Undo::Shape { gate, .. } => self.gates -= usize::from(gate),
         }
     }
 }

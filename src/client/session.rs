@@ -22,7 +22,7 @@ use tokio_util::io::poll_read_buf;
 use super::conn::{ClientConn, ClientError};
 use super::handshake::Established;
 use super::pipeline::{Pipeline, Reply, Route, Synthetic, Undo};
-use super::translate::{statement_command, Command, Reset, Translator};
+use super::translate::{statement_command, Command, Reset, Step, Translator};
 use crate::app::App;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::config::PoolMode;
@@ -61,6 +61,8 @@ pub struct Session {
     startup_params: Arc<ParamSet>,
     /// The client's prepared statements by the client's names.
     statements: HashMap<Bytes, Arc<Statement>>,
+    /// The `search_path` the client's statements are interned under.
+    scope: Bytes,
     pipeline: Pipeline,
     cancel: CancelKey,
     /// The server sent a FATAL error, which the client has been given.
@@ -69,6 +71,9 @@ pub struct Session {
     tx_started: Option<Instant>,
     /// Queries forwarded in the current transaction, added to the metrics at its end.
     queries: u64,
+    /// The client's next message waits for a server answer (see
+    /// [`Step::Wait`]): read no more than `HIGH_WATER` of its messages meanwhile.
+    waiting: bool,
 }
 
 /// Which side closed.
@@ -92,6 +97,7 @@ impl Session {
             pool_key: login.pool_key,
             mode: login.mode,
             startup_params: login.params.clone(),
+            scope: statement_scope(&login.params),
             params: login.params,
             statements: HashMap::new(),
             pipeline: Pipeline::default(),
@@ -99,6 +105,7 @@ impl Session {
             server_said_fatal: false,
             tx_started: None,
             queries: 0,
+            waiting: false,
         }
     }
 
@@ -232,7 +239,7 @@ impl Session {
                     if name.is_empty() || self.statements.contains_key(name) {
                         break;
                     }
-                    let stmt = self.app.statements.intern(rest);
+                    let stmt = self.app.statements.intern_scoped(&self.scope, rest);
                     if !stmt.is_validated() {
                         break;
                     }
@@ -263,6 +270,7 @@ impl Session {
                         Some(Command::DiscardAll) => {
                             self.statements.clear();
                             self.params = self.startup_params.clone();
+                            self.scope = statement_scope(&self.params);
                             Some(Synthetic::Command("DISCARD ALL"))
                         }
                         _ => break,
@@ -365,37 +373,49 @@ impl Session {
         let transaction_mode = self.mode == PoolMode::Transaction;
         let mut pos = 0;
         let mut terminated = false;
+        self.waiting = false;
         while let Some(h) = FrameHeader::complete(&self.cbuf[pos..])? {
             let frame = &self.cbuf[pos..pos + h.len];
-            pos += h.len;
             if h.tag == frontend::TERMINATE {
+                pos += h.len;
                 terminated = true;
                 break;
             }
+            if transaction_mode {
+                let mut tx = Translator {
+                    app: &self.app,
+                    server: &mut *server,
+                    statements: &mut self.statements,
+                    scope: &self.scope,
+                    pipeline: &mut self.pipeline,
+                    to_server: &mut self.to_server,
+                    to_client: &mut self.to_client,
+                };
+                match tx.translate(h.tag, frame)? {
+                    Step::Done => {}
+                    Step::Reset(reset) => {
+                        self.statements.clear();
+                        if reset == Reset::DiscardAll {
+                            self.params = self.startup_params.clone();
+                            self.scope = statement_scope(&self.params);
+                        }
+                    }
+                    Step::Wait => {
+                        // Taken again once the server has answered.
+                        self.waiting = true;
+                        break;
+                    }
+                }
+            } else {
+                self.to_server.extend_from_slice(frame);
+                server.tx_status = b'?';
+            }
+            pos += h.len;
             if matches!(h.tag, frontend::QUERY | frontend::EXECUTE) {
                 self.queries += 1;
             }
             if self.tx_started.is_none() {
                 self.tx_started = Some(Instant::now());
-            }
-            if !transaction_mode {
-                self.to_server.extend_from_slice(frame);
-                server.tx_status = b'?';
-                continue;
-            }
-            let mut tx = Translator {
-                app: &self.app,
-                server: &mut *server,
-                statements: &mut self.statements,
-                pipeline: &mut self.pipeline,
-                to_server: &mut self.to_server,
-                to_client: &mut self.to_client,
-            };
-            if let Some(reset) = tx.translate(h.tag, frame)? {
-                self.statements.clear();
-                if reset == Reset::DiscardAll {
-                    self.params = self.startup_params.clone();
-                }
             }
         }
         self.cbuf.advance(pos);
@@ -485,6 +505,7 @@ impl Session {
         };
         if let Some(next) = self.params.with_report(&name, &value) {
             self.params = next;
+            self.scope = statement_scope(&self.params);
             server.applied = self.params.clone();
         }
     }
@@ -498,6 +519,7 @@ impl Session {
             to_client,
             to_server,
             server,
+            waiting,
             ..
         } = self;
         let server = server.as_mut().map(|s| {
@@ -516,7 +538,7 @@ impl Session {
                     progress |= read_some(&mut **stream, rbuf, cx).map_err(Closed::Server)?;
                 }
             }
-            if to_server.len() < HIGH_WATER {
+            if to_server.len() < HIGH_WATER && !(*waiting && cbuf.len() >= HIGH_WATER) {
                 progress |= read_client(client, cbuf, cx).map_err(|_| Closed::Client)?;
             }
             if progress {
@@ -568,6 +590,12 @@ impl Session {
             }
         }
     }
+}
+
+/// The scope statements are shared in: clients with another `search_path`
+/// may mean other tables by the same text.
+fn statement_scope(params: &ParamSet) -> Bytes {
+    Bytes::copy_from_slice(params.get("search_path").unwrap_or("").as_bytes())
 }
 
 /// Writes as much of `buf` as the socket takes now. True if anything was written.

@@ -20,6 +20,12 @@ use crate::statements::Statement;
 /// accept a statement; never left prepared.
 const PROBE_NAME: &[u8] = b"pgsw_probe";
 
+/// Answers a Bind or Describe of a statement whose result columns changed
+/// under it, on the server, so that the transaction fails there as it would
+/// without a proxy: PostgreSQL's own error, raised on purpose.
+const RAISE_RESULT_CHANGED: &[u8] = b"DO $$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+MESSAGE = 'cached plan must not change result type'; END$$\0\0\0";
+
 /// What a client message did to the session's statement state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Reset {
@@ -27,25 +33,41 @@ pub(super) enum Reset {
     DiscardAll,
 }
 
+/// What became of one client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    Done,
+    /// It changed the session's statement state.
+    Reset(Reset),
+    /// Not taken: it waits for the server's answer to what the proxy sent
+    /// before it. The same message is translated again later.
+    Wait,
+}
+
 /// Rewrites one client message for the server in transaction mode.
 pub(super) struct Translator<'a> {
     pub(super) app: &'a App,
     pub(super) server: &'a mut ServerConn,
     pub(super) statements: &'a mut HashMap<Bytes, Arc<Statement>>,
+    /// The client's `search_path`: statements are shared within it only.
+    pub(super) scope: &'a [u8],
     pub(super) pipeline: &'a mut Pipeline,
     pub(super) to_server: &'a mut BytesMut,
     pub(super) to_client: &'a mut BytesMut,
 }
 
 impl Translator<'_> {
-    pub(super) fn translate(&mut self, tag: u8, frame: &[u8]) -> Result<Option<Reset>, PgError> {
+    pub(super) fn translate(&mut self, tag: u8, frame: &[u8]) -> Result<Step, PgError> {
+        if self.pipeline.gated() {
+            return Ok(Step::Wait);
+        }
         if self.pipeline.skipping() {
             // The server discards everything up to the next Sync after an error; so do we.
             if tag == frontend::SYNC {
                 self.pipeline.end_skip();
                 self.forward(frame, Some(Reply::Sync));
             }
-            return Ok(None);
+            return Ok(Step::Done);
         }
         let body = &frame[5..];
         if self.pipeline.in_copy_in() {
@@ -54,12 +76,12 @@ impl Translator<'_> {
             }
             // Copy data, and Sync/Flush, which the server ignores in copy mode.
             self.forward(frame, None);
-            return Ok(None);
+            return Ok(Step::Done);
         }
         match tag {
             frontend::PARSE => self.parse(frame, body)?,
-            frontend::BIND => self.bind(frame, body)?,
-            frontend::DESCRIBE => self.describe(frame, body)?,
+            frontend::BIND => return self.bind(frame, body),
+            frontend::DESCRIBE => return self.describe(frame, body),
             frontend::CLOSE => self.close(frame, body)?,
             frontend::EXECUTE => self.forward(frame, Some(Reply::Execute)),
             frontend::SYNC => self.forward(frame, Some(Reply::Sync)),
@@ -68,7 +90,7 @@ impl Translator<'_> {
             // Flush, COPY data and anything else: no reply of their own.
             _ => self.forward(frame, None),
         }
-        Ok(None)
+        Ok(Step::Done)
     }
 
     fn forward(&mut self, frame: &[u8], reply: Option<Reply>) {
@@ -98,7 +120,7 @@ impl Translator<'_> {
             self.pipeline.start_skip();
             return Ok(());
         }
-        let stmt = self.app.statements.intern(rest);
+        let stmt = self.app.statements.intern_scoped(self.scope, rest);
         let name = Bytes::copy_from_slice(name);
         // Registered now, so the Bind and Describe pipelined behind the Parse
         // find it; withdrawn if the server refuses or skips the Parse.
@@ -110,10 +132,11 @@ impl Translator<'_> {
             self.server.tx_status = b'?';
             let undo = Undo::Named {
                 name,
-                stmt,
+                stmt: stmt.clone(),
                 prepared: true,
             };
             self.pipeline.request(Reply::Parse, undo);
+            self.learn_shape(&stmt, false);
             return Ok(());
         }
         let undo = Undo::Named {
@@ -147,43 +170,106 @@ impl Translator<'_> {
     }
 
     /// Prepares a client's statement on this server if it isn't there yet.
-    fn ensure_prepared(&mut self, stmt: &Arc<Statement>) {
-        if !self.server.statements.touch(stmt.id) {
-            self.evict_for(stmt.id);
-            messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
-            self.pipeline
-                .hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
+    /// False when the client's message must wait: the statement was prepared
+    /// here afresh, and whether it still describes the result columns its
+    /// clients were told of is known only once the server answers.
+    fn ensure_prepared(&mut self, stmt: &Arc<Statement>) -> bool {
+        if self.server.statements.touch(stmt.id) {
+            return true;
+        }
+        self.evict_for(stmt.id);
+        messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
+        self.pipeline
+            .hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
+        self.server.tx_status = b'?';
+        let gate = stmt.shape_known();
+        self.learn_shape(stmt, gate);
+        if gate {
+            messages::flush(self.to_server);
+        }
+        !gate
+    }
+
+    /// Asks the server for the statement's result columns (hidden).
+    fn learn_shape(&mut self, stmt: &Arc<Statement>, gate: bool) {
+        if stmt.shape_known() && !gate {
+            return;
+        }
+        messages::describe_statement(self.to_server, &stmt.server_name);
+        let undo = Undo::Shape {
+            stmt: stmt.clone(),
+            gate,
+        };
+        if gate {
+            self.pipeline.errors_shown(Reply::Describe, undo);
+        } else {
+            self.pipeline.hidden(Reply::Describe, undo);
         }
     }
 
-    fn bind(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+    /// The client's statement is one whose result columns changed (see
+    /// [`Statement::check_shape`]): the server raises PostgreSQL's 0A000 for
+    /// it, and the client's messages up to Sync are dropped, as after any error.
+    fn raise_result_changed(&mut self) {
+        messages::parse_renamed(self.to_server, b"", RAISE_RESULT_CHANGED);
+        self.pipeline.errors_shown(Reply::Parse, Undo::None);
+        messages::bind_execute_unnamed(self.to_server);
+        self.pipeline.errors_shown(Reply::Bind, Undo::None);
+        self.pipeline.errors_shown(Reply::Execute, Undo::None);
+        self.server.tx_status = b'?';
+        self.pipeline.start_skip();
+    }
+
+    /// Bind or Describe of a client's statement, under its proxy-wide name.
+    fn use_statement(
+        &mut self,
+        stmt: Arc<Statement>,
+        write: impl FnOnce(&mut BytesMut, &[u8]),
+        reply: Reply,
+    ) -> Step {
+        if !self.ensure_prepared(&stmt) {
+            return Step::Wait;
+        }
+        if stmt.result_changed() {
+            if reply == Reply::Describe {
+                write(self.to_server, &stmt.server_name);
+                self.pipeline.parameters_only();
+            }
+            self.raise_result_changed();
+            return Step::Done;
+        }
+        write(self.to_server, &stmt.server_name);
+        self.server.tx_status = b'?';
+        self.pipeline.request(reply, Undo::Uses(stmt));
+        Step::Done
+    }
+
+    fn bind(&mut self, frame: &[u8], body: &[u8]) -> Result<Step, PgError> {
         let bind = messages::split_bind(body)?;
         // An unknown name goes through as is: the server answers 26000 with the
         // client's own statement name, exactly as without a proxy.
-        match self.known(bind.statement) {
-            Some(stmt) => {
-                self.ensure_prepared(&stmt);
-                messages::bind_renamed(self.to_server, bind.portal, &stmt.server_name, bind.rest);
-                self.server.tx_status = b'?';
-                self.pipeline.request(Reply::Bind, Undo::Uses(stmt));
+        Ok(match self.known(bind.statement) {
+            Some(stmt) => self.use_statement(
+                stmt,
+                |out, name| messages::bind_renamed(out, bind.portal, name, bind.rest),
+                Reply::Bind,
+            ),
+            None => {
+                self.forward(frame, Some(Reply::Bind));
+                Step::Done
             }
-            None => self.forward(frame, Some(Reply::Bind)),
-        }
-        Ok(())
+        })
     }
 
-    fn describe(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
+    fn describe(&mut self, frame: &[u8], body: &[u8]) -> Result<Step, PgError> {
         let (kind, name) = messages::split_target(body)?;
-        match self.known(name).filter(|_| kind == b'S') {
-            Some(stmt) => {
-                self.ensure_prepared(&stmt);
-                messages::describe_statement(self.to_server, &stmt.server_name);
-                self.server.tx_status = b'?';
-                self.pipeline.request(Reply::Describe, Undo::Uses(stmt));
+        Ok(match self.known(name).filter(|_| kind == b'S') {
+            Some(stmt) => self.use_statement(stmt, messages::describe_statement, Reply::Describe),
+            None => {
+                self.forward(frame, Some(Reply::Describe));
+                Step::Done
             }
-            None => self.forward(frame, Some(Reply::Describe)),
-        }
-        Ok(())
+        })
     }
 
     fn close(&mut self, frame: &[u8], body: &[u8]) -> Result<(), PgError> {
@@ -209,7 +295,7 @@ impl Translator<'_> {
     /// Simple queries pass through, except the statement-management commands
     /// that concern the proxy's names: DEALLOCATE of a protocol-level statement
     /// and DISCARD ALL between transactions are answered by the proxy.
-    fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Option<Reset>, PgError> {
+    fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Step, PgError> {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
         // In a failed transaction the server answers (25P02) and nothing changes.
         let command = statement_command(sql).filter(|_| self.pipeline.client_status() != b'E');
@@ -217,25 +303,25 @@ impl Translator<'_> {
             Some(Command::DeallocateAll) => {
                 self.pipeline
                     .synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);
-                Some(Reset::DeallocateAll)
+                Step::Reset(Reset::DeallocateAll)
             }
             Some(Command::Deallocate(name))
                 if self.statements.remove(name.as_bytes()).is_some() =>
             {
                 self.pipeline
                     .synthetic(Synthetic::Command("DEALLOCATE"), self.to_client);
-                None
+                Step::Done
             }
             Some(Command::DiscardAll)
                 if self.pipeline.client_status() == b'I' && self.pipeline.is_idle() =>
             {
                 self.pipeline
                     .synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
-                Some(Reset::DiscardAll)
+                Step::Reset(Reset::DiscardAll)
             }
             _ => {
                 self.forward(frame, Some(Reply::Query));
-                None
+                Step::Done
             }
         };
         Ok(reset)

@@ -22,6 +22,7 @@ pub mod backend {
     pub const NO_DATA: u8 = b'n';
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const NOTIFICATION_RESPONSE: u8 = b'A';
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
     pub const PARAMETER_STATUS: u8 = b'S';
     pub const PARSE_COMPLETE: u8 = b'1';
     pub const PORTAL_SUSPENDED: u8 = b's';
@@ -210,6 +211,25 @@ pub fn bind_renamed(out: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &
         put_cstr(b, statement);
         b.put_slice(rest);
     });
+}
+
+/// Writes Bind of the unnamed statement to the unnamed portal, no
+/// parameters, and Execute of it: to run what the last unnamed Parse prepared.
+pub fn bind_execute_unnamed(out: &mut BytesMut) {
+    write_message(out, frontend::BIND, |b| {
+        b.put_slice(b"\0\0");
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
+    write_message(out, frontend::EXECUTE, |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+}
+
+pub fn flush(out: &mut BytesMut) {
+    write_message(out, frontend::FLUSH, |_| {});
 }
 
 /// Writes a Describe of a renamed statement.
