@@ -762,6 +762,43 @@ async fn session_mode_logs_in_at_once_and_waits_at_the_first_query() {
     }
 }
 
+/// pgbench connects all its clients before any runs: over a session pool
+/// a quarter of their number, with a connect timeout shorter than the run,
+/// every client logs in at once and runs when a server frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_over_a_smaller_session_pool_never_times_out_at_login() {
+    let pg = start_pg();
+    let port = free_port();
+    let _proxy = Proxy::start(&proxy_toml(
+        port,
+        pg.port,
+        &[("pool_mode", "session"), ("default_pool_size", "2")],
+        "",
+    ));
+    let init = run_pgbench(port, &["-i", "-s", "1"]).await;
+    assert!(init.status.success(), "pgbench -i: {init:?}");
+    // The first two clients hold the servers for the whole 3 s run: the
+    // other six wait that long at their first query, three times their
+    // connect timeout.
+    let started = Instant::now();
+    let out =
+        run_pgbench_with_connect_timeout(port, &["-c", "8", "-j", "2", "-T", "3", "-S"], 1).await;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgbench failed\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("timeout expired"), "{stderr}");
+    assert!(
+        elapsed > Duration::from_secs(2),
+        "the run took {elapsed:?}: no client waited"
+    );
+    eprintln!("8 pgbench clients over a session pool of 2: {elapsed:?}\n{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_pool_mode_session_overrides_transaction_mode() {
     let pg = start_pg();
@@ -798,12 +835,20 @@ async fn per_user_pool_mode_session_overrides_transaction_mode() {
 // ---------------------------------------------------------------- 3. pgbench
 
 async fn run_pgbench(port: u16, args: &[&str]) -> std::process::Output {
+    run_pgbench_with_connect_timeout(port, args, 10).await
+}
+
+async fn run_pgbench_with_connect_timeout(
+    port: u16,
+    args: &[&str],
+    connect_timeout_s: u32,
+) -> std::process::Output {
     let mut cmd = std::process::Command::new(pgbench_bin());
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER])
         .args(args)
         .arg(DB)
         .env("PGPASSWORD", PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGCONNECT_TIMEOUT", connect_timeout_s.to_string())
         .env_remove("PGSERVICE")
         .stdin(std::process::Stdio::null());
     tokio::task::spawn_blocking(move || cmd.output().expect("spawn pgbench"))

@@ -12,9 +12,14 @@ the extended protocol: -M extended (unnamed statements) and -M prepared
 (named statements P_0, P_1, ... per script and connection), running the
 scripts in pgbench/, which check their own results.
 
-In session mode a client beyond POOL_SIZE waits until another client's session
-ends. pgbench connects all of its clients before any of them runs, so there a
-run of CLIENTS clients is CLIENTS single-client pgbench processes.
+In session mode a client beyond POOL_SIZE waits, at its first query, until
+another client's session ends. pgbench connects all of its clients before any
+of them runs: that its runs pass in session mode too shows that logins through
+a full session pool complete at once. -M prepared is the exception: pgbench
+prepares with a blocking PQprepare, so a thread whose client waits for a server
+can't run the thread's other client that holds one, through any session pooler
+with fewer servers than clients (PgBouncer 1.18 hangs the same way); there
+each client is a pgbench process of its own.
 
 Standard library only. Run: python3 libpq.py (see ../README.md for the
 environment); SCENARIOS=cancel,copy selects scenarios.
@@ -235,11 +240,9 @@ def check_pgbench(script, mode, run, clients, transactions):
 
 def pgbench_clients(script, mode, clients, transactions):
     """`clients` pgbench clients at once, each running `transactions`
-    transactions of `script`, checked. One pgbench process in transaction
-    mode; in session mode one process per client, because pgbench connects all
-    of a process's clients before any of them runs, and a session-mode client
-    beyond the pool waits for another's session to end."""
-    if POOL_MODE == "session":
+    transactions of `script`, checked: one pgbench process, or, for -M
+    prepared in session mode, one process per client (see the top)."""
+    if POOL_MODE == "session" and mode == "prepared":
         runs = concurrently(
             lambda _: pgbench(script, mode, 1, transactions),
             range(clients))
@@ -305,8 +308,8 @@ def same_name_different_text():
     direct("drop table if exists libpq_same_a, libpq_same_b;"
            "create table libpq_same_a (v int not null);"
            "create table libpq_same_b (v int not null, w int not null, note text not null);")
-    # In transaction mode two clients per run, so four clients share the two
-    # server connections; in session mode one each (see pgbench_clients).
+    # Two clients per run, so four clients share the two server connections;
+    # in session mode one each (-M prepared: see the top).
     clients = 1 if POOL_MODE == "session" else max(1, CLIENTS // 2)
     transactions = 100
     runs = concurrently(lambda script: pgbench(script, "prepared", clients, transactions),
