@@ -144,26 +144,33 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
-                let waited = tokio::time::timeout(
-                    settings.query_wait_timeout,
-                    self.slots.clone().acquire_owned(),
-                )
-                .await;
+                let waited = self.wait_permit(&self.slots, &settings).await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
-                match waited {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => return Err(PoolError::Closed(self.key.to_string())),
-                    Err(_) => {
-                        return Err(PoolError::WaitTimeout {
-                            key: self.key.to_string(),
-                            timeout: settings.query_wait_timeout,
-                            size: settings.size,
-                        })
-                    }
-                }
+                waited?
             }
         };
         self.checkout(permit).await
+    }
+
+    /// A permit of `semaphore`, waiting up to `query_wait_timeout`.
+    async fn wait_permit(
+        &self,
+        semaphore: &Arc<Semaphore>,
+        settings: &PoolSettings,
+    ) -> Result<OwnedSemaphorePermit, PoolError> {
+        let waited = tokio::time::timeout(
+            settings.query_wait_timeout,
+            semaphore.clone().acquire_owned(),
+        );
+        match waited.await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(PoolError::Closed(self.key.to_string())),
+            Err(_) => Err(PoolError::WaitTimeout {
+                key: self.key.to_string(),
+                timeout: settings.query_wait_timeout,
+                size: settings.size,
+            }),
+        }
     }
 
     /// An idle connection, or a new one, for a caller holding a pool slot.
@@ -196,21 +203,7 @@ impl Pool {
             return self.checkout(permit).await.map(ParamChecker::Pooled);
         }
         let settings = self.settings.load_full();
-        let wait = tokio::time::timeout(
-            settings.query_wait_timeout,
-            self.checkers.clone().acquire_owned(),
-        );
-        let permit = match wait.await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed(self.key.to_string())),
-            Err(_) => {
-                return Err(PoolError::WaitTimeout {
-                    key: self.key.to_string(),
-                    timeout: settings.query_wait_timeout,
-                    size: settings.size,
-                })
-            }
-        };
+        let permit = self.wait_permit(&self.checkers, &settings).await?;
         let conn = ServerConn::connect(
             self.addr.clone(),
             &settings.login,

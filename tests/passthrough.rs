@@ -475,6 +475,17 @@ impl Raw {
     }
 }
 
+/// Every one of `wanted` starts some line of the transcript.
+#[track_caller]
+fn assert_has_lines(lines: &[String], wanted: &[&str]) {
+    for want in wanted {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "{want}\n{lines:#?}"
+        );
+    }
+}
+
 fn has_error(lines: &[String], code: &str) -> bool {
     lines
         .iter()
@@ -1707,17 +1718,15 @@ async fn prepared_statement_result_type_change_on_another_server() {
     let pg = start_pg(HbaAuth::Trust);
     let proxy = start_proxy(&pg, "transaction", 2, TRUST);
     let lines = differential(&pg, &proxy, result_type_change_on_another_server_scenario).await;
-    for must in [
-        "a stale: ErrorResponse 0A000 cached plan must not change result type",
-        "a stale in a transaction: ErrorResponse 0A000 cached plan must not change result type",
-        "a aborted: ErrorResponse 25P02",
-        "a re-prepares: DataRow [Some(\"1\"), Some(\"7\")]",
-    ] {
-        assert!(
-            lines.iter().any(|l| l.starts_with(must)),
-            "{must}\n{lines:#?}"
-        );
-    }
+    assert_has_lines(
+        &lines,
+        &[
+            "a stale: ErrorResponse 0A000 cached plan must not change result type",
+            "a stale in a transaction: ErrorResponse 0A000 cached plan must not change result type",
+            "a aborted: ErrorResponse 25P02",
+            "a re-prepares: DataRow [Some(\"1\"), Some(\"7\")]",
+        ],
+    );
 }
 
 /// The same statement text means other tables to clients with another
@@ -1967,16 +1976,14 @@ async fn named_statements_recover_at_rollback_after_an_error() {
     let pg = start_pg(HbaAuth::Trust);
     let proxy = start_proxy(&pg, "transaction", 1, TRUST);
     let lines = differential(&pg, &proxy, named_statements_in_failed_transaction_scenario).await;
-    for must in [
-        "round 1 js rollback: CommandComplete ROLLBACK",
-        "round 2 jdbc rollback: CommandComplete ROLLBACK",
-        "round 2 js after: DataRow",
-    ] {
-        assert!(
-            lines.iter().any(|l| l.starts_with(must)),
-            "{must}\n{lines:#?}"
-        );
-    }
+    assert_has_lines(
+        &lines,
+        &[
+            "round 1 js rollback: CommandComplete ROLLBACK",
+            "round 2 jdbc rollback: CommandComplete ROLLBACK",
+            "round 2 js after: DataRow",
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

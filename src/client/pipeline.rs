@@ -371,7 +371,7 @@ impl Pipeline {
                     frame.get(5..).unwrap_or_default()
                 };
                 stmt.check_shape(columns);
-                self.gates -= usize::from(gate);
+                self.gates = self.gates.saturating_sub(usize::from(gate));
             }
             _ => {}
         }
@@ -431,7 +431,7 @@ impl Pipeline {
                 }
                 self.refused.push((name, stmt));
             }
-            Undo::Shape { gate, .. } => self.gates -= usize::from(gate),
+            Undo::Shape { gate, .. } => self.gates = self.gates.saturating_sub(usize::from(gate)),
         }
     }
 }
@@ -571,6 +571,53 @@ mod tests {
         assert!(stmt.is_validated());
         assert!(p.refused.is_empty());
         assert!(!p.may_be_failed());
+    }
+
+    #[test]
+    fn a_gating_describe_holds_the_client_until_answered() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let registry = StatementRegistry::default();
+        let stmt = registry.intern(b"select * from t\0\0\0");
+        stmt.check_shape(b"\0\x01a\0");
+        let mut out = BytesMut::new();
+        p.hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
+        p.errors_shown(
+            Reply::Describe,
+            Undo::Shape {
+                stmt: stmt.clone(),
+                gate: true,
+            },
+        );
+        assert!(p.gated());
+        for m in [msg(b'1'), msg(b't')] {
+            p.on_server_message(m[0], &m, &mut out, &mut cache);
+        }
+        assert!(p.gated(), "not answered yet");
+        let mut other_columns = msg(b'T');
+        other_columns.extend_from_slice(b"\0\x01b\0");
+        p.on_server_message(b'T', &other_columns, &mut out, &mut cache);
+        assert!(!p.gated());
+        assert!(out.is_empty(), "all of it hidden");
+        assert!(
+            stmt.result_changed(),
+            "other result columns than first described"
+        );
+    }
+
+    #[test]
+    fn errors_of_requests_made_for_the_client_reach_it() {
+        let mut p = Pipeline::default();
+        let mut cache = ServerStatements::new(10);
+        let mut out = BytesMut::new();
+        p.parameters_only();
+        p.errors_shown(Reply::Parse, Undo::None);
+        p.request(Reply::Sync, Undo::None);
+        for m in [msg(b't'), msg(b'T'), msg(b'E'), rfq(b'E')] {
+            p.on_server_message(m[0], &m, &mut out, &mut cache);
+        }
+        assert_eq!(&out[..], &[msg(b't'), msg(b'E'), rfq(b'E')].concat()[..]);
+        assert!(p.is_idle());
     }
 
     #[test]
