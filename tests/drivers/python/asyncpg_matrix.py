@@ -24,6 +24,7 @@ import asyncpg
 
 from matrix import (
     COPY_ROWS,
+    client_schemas_sql,
     ENV,
     Fail,
     await_until,
@@ -307,16 +308,7 @@ async def savepoints() -> None:
 
 async def startup_params() -> None:
     n = ENV.clients
-    sql = []
-    for i in range(n):
-        s = f"{T}_sch_{i}"
-        sql += [
-            f"drop schema if exists {s} cascade",
-            f"create schema {s}",
-            f"create table {s}.marker (v int)",
-            f"insert into {s}.marker values ({i})",
-        ]
-    await setup(*sql)
+    await setup(*client_schemas_sql(T, n))
 
     async def client(i: int) -> None:
         app, tz, path = f"{T}_app_{i}", timezone_of(i), f"{T}_sch_{i},public"

@@ -323,6 +323,21 @@ TIMEZONES = [
 ]
 
 
+def client_schemas_sql(prefix: str, clients: int) -> list[str]:
+    """SQL that makes one schema per client, `<prefix>_sch_<i>`, each with a
+    table `marker` holding `i`: what startup_params sets search_path to."""
+    sql = []
+    for i in range(clients):
+        s = f"{prefix}_sch_{i}"
+        sql += [
+            f"drop schema if exists {s} cascade",
+            f"create schema {s}",
+            f"create table {s}.marker (v int)",
+            f"insert into {s}.marker values ({i})",
+        ]
+    return sql
+
+
 def timezone_of(i: int) -> str:
     return TIMEZONES[i % len(TIMEZONES)]
 

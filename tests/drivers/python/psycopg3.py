@@ -19,6 +19,7 @@ from psycopg import errors
 
 from matrix import (
     COPY_ROWS,
+    client_schemas_sql,
     ENV,
     Fail,
     check,
@@ -284,16 +285,7 @@ def savepoints() -> None:
 
 def startup_params() -> None:
     n = ENV.clients
-    sql = []
-    for i in range(n):
-        s = f"{T}_sch_{i}"
-        sql += [
-            f"drop schema if exists {s} cascade",
-            f"create schema {s}",
-            f"create table {s}.marker (v int)",
-            f"insert into {s}.marker values ({i})",
-        ]
-    setup(*sql)
+    setup(*client_schemas_sql(T, n))
 
     def client(i: int) -> None:
         app, tz, path = f"{T}_app_{i}", timezone_of(i), f"{T}_sch_{i},public"
