@@ -44,7 +44,7 @@ python3 -c "import psycopg, asyncpg, psycopg2; print('psycopg', psycopg.__versio
 step "Node drivers"
 node --version
 (cd tests/drivers/node && npm ci --no-audit --no-fund --loglevel=error)
-(cd tests/drivers/node && node -e "for (const p of ['pg','pg-copy-streams','postgres']) console.log(p, require(p + '/package.json').version)")
+(cd tests/drivers/node && npm ls --depth=0)
 
 step "PostgreSQL 17"
 PG17_BIN="$(bash scripts/install-pg17.sh | tail -n1)"
