@@ -21,7 +21,7 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::pool::{Pool, PoolKey, PoolSettings};
 use crate::server::{BackendAddr, Credentials, Login};
 use crate::statements::StatementRegistry;
-use crate::switch::{Backend, Switch};
+use crate::switch::{Backend, Holder, Switch};
 use crate::tls::{ClientTls, ServerTls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +103,6 @@ pub struct App {
     pub cutover: crate::cutover::Controller,
     /// Replication lag toward the other side, refreshed by housekeeping.
     lag: std::sync::Mutex<Option<crate::replication::Lag>>,
-    /// When the gate was closed by /pause, for the pause-time histogram.
-    paused_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Counts a client for max_client_conn while alive.
@@ -178,26 +176,21 @@ impl App {
             metrics: Metrics::new(),
             cutover,
             lag: std::sync::Mutex::new(None),
-            paused_at: std::sync::Mutex::new(None),
         }))
     }
 
-    /// Holds new transactions at the gate (admin /pause).
+    /// Holds new transactions at the gate (admin /pause) until /resume, also
+    /// across a cutover that runs meanwhile.
     pub fn pause(&self) {
-        let mut paused_at = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
-        if paused_at.is_none() {
-            *paused_at = Some(std::time::Instant::now());
-            self.switch.gate.close();
+        if self.switch.gate.hold(Holder::Operator) {
             tracing::info!("paused: new transactions wait at the gate");
         }
     }
 
-    /// Releases held transactions (admin /resume).
+    /// Ends the operator's pause (admin /resume); the gate opens unless a
+    /// cutover holds it too.
     pub fn resume(&self) {
-        let mut paused_at = self.paused_at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(since) = paused_at.take() {
-            self.switch.gate.open();
-            let held = since.elapsed();
+        if let Some(held) = self.switch.gate.release(Holder::Operator) {
             self.metrics.pause_seconds.observe(held.as_secs_f64());
             tracing::info!(pause_ms = held.as_millis() as u64, "resumed");
         }
@@ -247,6 +240,7 @@ impl App {
         serde_json::json!({
             "active": self.switch.active().side.as_str(),
             "paused": self.switch.gate.is_closed(),
+            "paused_by": self.switch.gate.holders().iter().map(|h| h.as_str()).collect::<Vec<_>>(),
             "phase": self.cutover.phase(),
             "replication_lag": *self.lag.lock().unwrap_or_else(|e| e.into_inner()),
             "clients": self.client_count(),

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -53,10 +54,49 @@ impl Backend {
     }
 }
 
+/// Who holds the gate closed. It opens only when no one does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// An operator's `POST /pause`, until `POST /resume`.
+    Operator,
+    /// A cutover or fallback, from its pause to its swap (or abort).
+    Cutover,
+}
+
+impl Holder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Holder::Operator => "operator",
+            Holder::Cutover => "cutover",
+        }
+    }
+}
+
 /// Holds new transactions while the control plane works; never refuses them.
+///
+/// Each holder closes and releases it for itself: a cutover during an
+/// operator's pause leaves the gate closed when it is done, and the
+/// operator's pause time runs from the operator's own `/pause`.
 pub struct Gate {
     closed: AtomicBool,
     state: watch::Sender<bool>,
+    /// Since when each holder holds it.
+    holders: Mutex<Holders>,
+}
+
+#[derive(Default)]
+struct Holders {
+    operator: Option<Instant>,
+    cutover: Option<Instant>,
+}
+
+impl Holders {
+    fn slot(&mut self, holder: Holder) -> &mut Option<Instant> {
+        match holder {
+            Holder::Operator => &mut self.operator,
+            Holder::Cutover => &mut self.cutover,
+        }
+    }
 }
 
 impl Default for Gate {
@@ -64,6 +104,7 @@ impl Default for Gate {
         Gate {
             closed: AtomicBool::new(false),
             state: watch::Sender::new(false),
+            holders: Mutex::new(Holders::default()),
         }
     }
 }
@@ -80,18 +121,45 @@ impl Gate {
         let _ = rx.wait_for(|closed| !*closed).await;
     }
 
-    pub fn close(&self) {
+    /// Closes the gate for `holder`. False if `holder` held it already.
+    pub fn hold(&self, holder: Holder) -> bool {
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = holders.slot(holder);
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(Instant::now());
         self.closed.store(true, Ordering::SeqCst);
         self.state.send_replace(true);
+        true
     }
 
-    pub fn open(&self) {
-        self.closed.store(false, Ordering::Release);
-        self.state.send_replace(false);
+    /// Ends `holder`'s hold and returns how long it lasted (None if it held
+    /// nothing). The gate opens if no one else holds it.
+    pub fn release(&self, holder: Holder) -> Option<Duration> {
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let since = holders.slot(holder).take()?;
+        if holders.operator.is_none() && holders.cutover.is_none() {
+            self.closed.store(false, Ordering::Release);
+            self.state.send_replace(false);
+        }
+        Some(since.elapsed())
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Who holds the gate now.
+    pub fn holders(&self) -> Vec<Holder> {
+        let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        [
+            (Holder::Operator, holders.operator),
+            (Holder::Cutover, holders.cutover),
+        ]
+        .into_iter()
+        .filter_map(|(h, since)| since.map(|_| h))
+        .collect()
     }
 }
 
@@ -167,23 +235,41 @@ impl Switch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn gate_holds_until_opened() {
         let gate = Arc::new(Gate::default());
         gate.pass().await;
-        gate.close();
+        assert!(gate.hold(Holder::Cutover));
         let waiter = tokio::spawn({
             let gate = gate.clone();
             async move { gate.pass().await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
-        gate.open();
+        assert!(gate.release(Holder::Cutover).is_some());
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn each_holder_releases_only_its_own_hold() {
+        let gate = Gate::default();
+        assert!(gate.hold(Holder::Operator));
+        assert!(
+            !gate.hold(Holder::Operator),
+            "a second /pause changes nothing"
+        );
+        assert!(gate.hold(Holder::Cutover));
+        std::thread::sleep(Duration::from_millis(5));
+        let cutover = gate.release(Holder::Cutover).unwrap();
+        assert!(gate.is_closed(), "the operator still holds it");
+        assert_eq!(gate.holders(), [Holder::Operator]);
+        let operator = gate.release(Holder::Operator).unwrap();
+        assert!(operator >= cutover, "the operator's hold began first");
+        assert!(!gate.is_closed());
+        assert_eq!(gate.release(Holder::Operator), None);
     }
 }

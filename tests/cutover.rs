@@ -929,3 +929,66 @@ async fn session_mode_client_is_ended_and_reconnects_to_green() {
     // The transaction-mode client just goes on, on green.
     assert_eq!(server_port(&tx).await, p.green.port as i32);
 }
+
+/// The gate has one owner per hold: a cutover during an operator's /pause
+/// switches, and new transactions stay held until the operator's /resume,
+/// whose pause time runs from the operator's own /pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_during_an_operator_pause_keeps_the_pause() {
+    let p = pair().await;
+    let proxy = Proxy::start(&proxy_config(&p, "", ""));
+    let client = connect(&proxy, "app").await.expect("connect");
+    assert_eq!(server_port(&client).await, p.blue.port as i32);
+    let (code, _) = switch(&proxy, "/pause", "").await;
+    assert_eq!(code, 200);
+    let paused = Instant::now();
+    assert_eq!(
+        status(&proxy).await["paused_by"],
+        serde_json::json!(["operator"])
+    );
+    let held = tokio::spawn(async move {
+        let port = server_port(&client).await;
+        (port, Instant::now())
+    });
+    let (code, report) = switch(&proxy, "/cutover", "").await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["outcome"], "switched", "{report}");
+    assert_eq!(report["still_paused_by_operator"], true, "{report}");
+    let st = status(&proxy).await;
+    assert_eq!(st["active"], "green", "{st}");
+    assert_eq!(st["paused"], true, "{st}");
+    assert_eq!(st["paused_by"], serde_json::json!(["operator"]), "{st}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !held.is_finished(),
+        "the cutover released the operator's pause"
+    );
+    let (code, _) = switch(&proxy, "/resume", "").await;
+    assert_eq!(code, 200);
+    let resumed = Instant::now();
+    let (port, ran) = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("held transaction never ran")
+        .expect("held task");
+    assert_eq!(
+        port, p.green.port as i32,
+        "held transaction ran on the old side"
+    );
+    assert!(ran >= resumed, "it ran before /resume");
+    assert_eq!(status(&proxy).await["paused_by"], serde_json::json!([]));
+    // The pause histogram holds the operator's whole pause (and the
+    // cutover's own, shorter one).
+    let metrics = admin_http(proxy.admin_port, "GET", "/metrics", Some(TOKEN), "")
+        .await
+        .1;
+    let sum: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgswitch_pause_duration_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pause histogram\n{metrics}"));
+    let operator_pause = (resumed - paused).as_secs_f64();
+    assert!(
+        sum >= operator_pause * 0.9,
+        "pause sum {sum} < operator's pause {operator_pause}"
+    );
+}

@@ -81,6 +81,15 @@ pub fn render(value: &serde_json::Value) -> String {
         if let Some(pause) = value.get("pause_ms").and_then(|v| v.as_f64()) {
             out.push_str(&format!("  pause:             {pause:.1} ms\n"));
         }
+        if value
+            .get("still_paused_by_operator")
+            .and_then(|v| v.as_bool())
+            == Some(true)
+        {
+            out.push_str(
+                "  still paused:      by the operator's /pause, until `pgswitch resume`\n",
+            );
+        }
         for key in ["target_lsn", "switch_lsn", "sequences_synced", "lag_bytes"] {
             if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
                 out.push_str(&format!(

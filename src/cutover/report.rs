@@ -45,8 +45,12 @@ pub struct Report {
     pub dry_run: bool,
     pub started_at_unix_ms: u64,
     pub phases: Vec<Phase>,
-    /// How long new transactions were held at the gate.
+    /// How long new transactions were held at the gate by this switch.
     pub pause_ms: Option<f64>,
+    /// An operator's `/pause` was in force and still holds new transactions
+    /// after the switch, until `/resume`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub still_paused_by_operator: bool,
     pub lag_bytes: Option<u64>,
     /// The flushed LSN on the old side that the new side had to apply.
     pub target_lsn: Option<String>,
@@ -73,6 +77,7 @@ impl Report {
             started_at_unix_ms,
             phases: Vec::new(),
             pause_ms: None,
+            still_paused_by_operator: false,
             lag_bytes: None,
             target_lsn: None,
             switch_lsn: None,

@@ -10,6 +10,7 @@ use super::{state, Controller, CutoverError, Direction, Report, OLD_SIDE_GRACE};
 use crate::app::App;
 use crate::config::{Config, DrainAction, Side};
 use crate::replication::{self, Fence, Lsn, ReverseNames};
+use crate::switch::Holder;
 
 /// What to undo on abort, most recent last.
 enum Undo {
@@ -265,7 +266,7 @@ impl<'a> Run<'a> {
 
         // 2. Pause.
         self.app.switch.set_draining(true);
-        self.app.switch.gate.close();
+        self.app.switch.gate.hold(Holder::Cutover);
         self.paused_at = Some(Instant::now());
 
         // 3. Drain.
@@ -606,8 +607,11 @@ impl<'a> Run<'a> {
     pub(super) fn resume(&mut self) {
         if let Some(paused_at) = self.paused_at.take() {
             self.app.switch.set_draining(false);
-            self.app.switch.gate.open();
+            // An operator's pause, if any, still holds the gate.
+            self.app.switch.gate.release(Holder::Cutover);
             self.report.pause_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+            self.report.still_paused_by_operator =
+                self.app.switch.gate.holders().contains(&Holder::Operator);
         }
         if self.report_switched() {
             // Old-side connections are closed once idle (busy ones end with
