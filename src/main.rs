@@ -65,7 +65,7 @@ struct SwitchArgs {
     /// current side: how long would the pause be?
     #[arg(long)]
     dry_run: bool,
-    /// Overrides [cutover] timeout_ms.
+    /// Overrides [cutover] timeout, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
 }

@@ -589,13 +589,13 @@ async fn cutover_and_fallback_under_load() {
 
 /// A disabled subscription: the cutover is refused (not streaming) or
 /// aborts within its timeout; traffic continues on blue without an error.
-/// A transaction held past drain_timeout_ms: aborted with 409, and the held
+/// A transaction held past drain_timeout: aborted with 409, and the held
 /// transaction still commits on blue. With drain_action = "cancel" the
 /// cutover completes and the held query gets 57014.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cutover_abort_paths() {
     let p = pair().await;
-    let proxy = Proxy::start(&proxy_config(&p, "drain_timeout_ms = 300", ""));
+    let proxy = Proxy::start(&proxy_config(&p, "drain_timeout = \"300ms\"", ""));
 
     // 1. Disabled subscription.
     p.g.batch_execute("ALTER SUBSCRIPTION pgswitch DISABLE")
@@ -628,7 +628,7 @@ async fn cutover_abort_paths() {
     wait_streaming(&p.g, "pgswitch").await;
     catch_up(&p.b, "pgswitch", &p.g, "pgswitch").await;
 
-    // 2. A transaction held open past drain_timeout_ms: aborted.
+    // 2. A transaction held open past drain_timeout: aborted.
     let load = Load::start(&proxy, 2).await;
     let mut held = connect(&proxy, "app").await.unwrap();
     let tx = held.transaction().await.unwrap();
@@ -681,7 +681,7 @@ async fn cutover_abort_paths() {
     catch_up(&p.b, "pgswitch", &p.g, "pgswitch").await;
     let proxy = Proxy::start(&proxy_config(
         &p,
-        "drain_timeout_ms = 300\ndrain_action = \"cancel\"",
+        "drain_timeout = \"300ms\"\ndrain_action = \"cancel\"",
         "",
     ));
     let load = Load::start(&proxy, 3).await;

@@ -253,6 +253,23 @@ fn read_password_file(
 
 /// Which of `sources` (key name, is set) is set; an error names the second
 /// one if more than one is.
+/// A secret given as `<key>` or as `<key>_env` (the name of an environment
+/// variable), at most one of them; the variable is read now, at load or
+/// reload, so an unset one fails there, naming its key.
+fn secret_or_env(
+    prefix: &str,
+    key: &str,
+    value: &mut Option<Secret>,
+    env: &Option<String>,
+) -> Result<(), (String, String)> {
+    let env_key = format!("{key}_env");
+    at_most_one(prefix, &[(key, value.is_some()), (&env_key, env.is_some())])?;
+    if let (None, Some(var)) = (&value, env) {
+        *value = Some(Secret(read_env(&format!("{prefix}{env_key}"), var)?));
+    }
+    Ok(())
+}
+
 fn at_most_one(prefix: &str, sources: &[(&str, bool)]) -> Result<Option<usize>, (String, String)> {
     let set: Vec<usize> = (0..sources.len()).filter(|&i| sources[i].1).collect();
     match set.as_slice() {
@@ -302,16 +319,25 @@ impl Config {
     /// secrets, so a bad source fails the load (or the reload) naming its key.
     fn resolve_secrets(&mut self, path: &Path) -> Result<(), (String, String)> {
         let p = &mut self.proxy;
-        let source = at_most_one(
+        secret_or_env(
             "proxy.",
-            &[
-                ("auth_password", p.auth_password.is_some()),
-                ("auth_password_env", p.auth_password_env.is_some()),
-            ],
+            "auth_password",
+            &mut p.auth_password,
+            &p.auth_password_env,
         )?;
-        if let (Some(1), Some(var)) = (source, &p.auth_password_env) {
-            p.auth_password = Some(Secret(read_env("proxy.auth_password_env", var)?));
+        for side in [Side::Blue, Side::Green] {
+            let prefix = format!("backends.{}.", side.as_str());
+            if let Some(b) = self.backends.get_mut(side) {
+                secret_or_env(
+                    &prefix,
+                    "admin_password",
+                    &mut b.admin_password,
+                    &b.admin_password_env,
+                )?;
+            }
         }
+        let a = &mut self.admin;
+        secret_or_env("admin.", "token", &mut a.token, &a.token_env)?;
         for (i, user) in self.users.iter_mut().enumerate() {
             let prefix = format!("users[{i}].");
             let source = at_most_one(
@@ -563,6 +589,12 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_annotated_config_loads() {
+        let c = parse(include_str!("../../proxy.toml")).unwrap();
+        assert_eq!(c.cutover.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = parse(&format!("{MINIMAL}\n[cutover]\nactiv = \"blue\"")).unwrap_err();
         assert!(err.to_string().contains("activ"), "{err}");
@@ -573,6 +605,12 @@ mod tests {
         let c =
             parse(&MINIMAL.replace("[proxy]", "[proxy]\nquery_wait_timeout = \"1500ms\"")).unwrap();
         assert_eq!(c.proxy.query_wait_timeout, Duration::from_millis(1500));
+        let c = parse(&format!(
+            "{MINIMAL}\n[cutover]\ntimeout = \"7s\"\ndrain_timeout = \"250ms\""
+        ))
+        .unwrap();
+        assert_eq!(c.cutover.timeout, Duration::from_secs(7));
+        assert_eq!(c.cutover.drain_timeout, Duration::from_millis(250));
     }
 
     #[test]
@@ -592,6 +630,49 @@ mod tests {
         ))
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn admin_secrets_from_the_environment_are_read_at_load() {
+        // The variables are this test's own (nextest runs each test in its own process).
+        std::env::set_var("PGSWITCH_UNIT_ADMIN_PW", "s3cret");
+        std::env::set_var("PGSWITCH_UNIT_ADMIN_TOKEN", "t0ken");
+        let blue = |lines: &str| {
+            MINIMAL.replace(
+                "host = \"127.0.0.1\"",
+                &format!("host = \"127.0.0.1\"\nadmin_user = \"postgres\"\n{lines}"),
+            )
+        };
+        let c = parse(&format!(
+            "{}\n[admin]\ntoken_env = \"PGSWITCH_UNIT_ADMIN_TOKEN\"",
+            blue("admin_password_env = \"PGSWITCH_UNIT_ADMIN_PW\"")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.backends.blue.admin_credentials(),
+            Some(("postgres".into(), "s3cret".into()))
+        );
+        assert_eq!(c.admin.resolved_token().as_deref(), Some("t0ken"));
+        for (text, key, message) in [
+            (
+                blue("admin_password_env = \"PGSWITCH_UNIT_SURELY_UNSET\""),
+                "backends.blue.admin_password_env",
+                "environment variable PGSWITCH_UNIT_SURELY_UNSET is not set",
+            ),
+            (
+                blue("admin_password = \"x\"\nadmin_password_env = \"PGSWITCH_UNIT_ADMIN_PW\""),
+                "backends.blue.admin_password_env",
+                "conflicts with backends.blue.admin_password",
+            ),
+            (
+                format!("{MINIMAL}\n[admin]\ntoken_env = \"PGSWITCH_UNIT_SURELY_UNSET\""),
+                "admin.token_env",
+                "is not set",
+            ),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(message), "{err}");
+        }
     }
 
     fn user(lines: &str) -> String {

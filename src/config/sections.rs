@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -87,6 +88,13 @@ impl Backends {
             Side::Green => self.green.as_ref(),
         }
     }
+
+    pub fn get_mut(&mut self, side: Side) -> Option<&mut BackendConfig> {
+        match side {
+            Side::Blue => Some(&mut self.blue),
+            Side::Green => self.green.as_mut(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -102,21 +110,22 @@ pub struct BackendConfig {
     /// Superuser (or a role that may manage subscriptions, slots, origins and
     /// roles) for the control connections a cutover uses.
     pub admin_user: Option<String>,
+    /// After load it also holds the value of `admin_password_env`.
     pub admin_password: Option<Secret>,
     /// Name of an environment variable holding `admin_password`.
     pub admin_password_env: Option<String>,
 }
 
 impl BackendConfig {
-    /// The admin credentials, when configured (password from the environment
-    /// when `admin_password_env` names a variable).
+    /// The admin credentials, when configured (`admin_password_env` is read
+    /// into `admin_password` at load).
     pub fn admin_credentials(&self) -> Option<(String, String)> {
         let user = self.admin_user.clone()?;
-        let password = match (&self.admin_password, &self.admin_password_env) {
-            (Some(p), _) => p.0.clone(),
-            (None, Some(var)) => std::env::var(var).ok()?,
-            (None, None) => String::new(),
-        };
+        let password = self
+            .admin_password
+            .as_ref()
+            .map(|p| p.0.clone())
+            .unwrap_or_default();
         Some((user, password))
     }
 }
@@ -205,13 +214,9 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
-    /// The configured token, from `token` or the variable `token_env` names.
+    /// The configured token (`token_env` is read into `token` at load).
     pub fn resolved_token(&self) -> Option<String> {
-        match (&self.token, &self.token_env) {
-            (Some(token), _) => Some(token.0.clone()),
-            (None, Some(var)) => std::env::var(var).ok(),
-            (None, None) => None,
-        }
+        self.token.as_ref().map(|t| t.0.clone())
     }
 }
 
@@ -223,9 +228,11 @@ pub struct CutoverConfig {
     /// overrides `active`, so a restart comes back on the side it left.
     pub state_file: Option<PathBuf>,
     /// The whole cutover, preflight to resume.
-    pub timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
     /// How long running transactions may take to finish after the pause.
-    pub drain_timeout_ms: u64,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     pub drain_action: DrainAction,
     /// Refuse to start while the target lags more than this.
     pub max_lag_bytes_to_start: u64,
@@ -239,8 +246,8 @@ impl Default for CutoverConfig {
         CutoverConfig {
             active: Side::Blue,
             state_file: None,
-            timeout_ms: 5000,
-            drain_timeout_ms: 2000,
+            timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(2),
             drain_action: DrainAction::Abort,
             max_lag_bytes_to_start: 16 * 1024 * 1024,
             sync_sequences: true,

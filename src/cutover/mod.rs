@@ -131,8 +131,10 @@ impl Controller {
             return self.record(app, report);
         };
         let config = app.config().clone();
-        let timeout =
-            Duration::from_millis(options.timeout_ms.unwrap_or(config.cutover.timeout_ms));
+        let timeout = options
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(config.cutover.timeout);
         let mut run = Run::new(
             app,
             self,

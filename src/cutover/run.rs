@@ -522,13 +522,13 @@ impl<'a> Run<'a> {
 
     /// Waits until no transaction is in flight on the old side.
     async fn drain(&self) -> Result<(), CutoverError> {
-        let drain_timeout = Duration::from_millis(self.config.cutover.drain_timeout_ms);
+        let drain_timeout = self.config.cutover.drain_timeout;
         if self.wait_drained(drain_timeout).await {
             return Ok(());
         }
         match self.config.cutover.drain_action {
             DrainAction::Abort => Err(CutoverError::Aborted(format!(
-                "{} transaction(s) still running after drain_timeout_ms ({})",
+                "{} transaction(s) still running after drain_timeout ({})",
                 self.app.switch.in_flight(),
                 drain_timeout.as_millis()
             ))),
@@ -565,8 +565,7 @@ impl<'a> Run<'a> {
 
     /// Undoes, newest first, what an aborted switch did.
     pub(super) async fn rollback(&mut self) {
-        let timeout =
-            Duration::from_millis(self.config.cutover.timeout_ms).max(Duration::from_secs(5));
+        let timeout = self.config.cutover.timeout.max(Duration::from_secs(5));
         let mut failures = Vec::new();
         while let Some(step) = self.undo.pop() {
             let result = match (&step, self.conns.as_ref()) {
