@@ -420,10 +420,6 @@ impl Checkout {
             self.pool.give_back(conn);
         }
     }
-
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
-    }
 }
 
 impl Deref for Checkout {

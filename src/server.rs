@@ -416,14 +416,28 @@ impl ServerConn {
     ) -> Result<Vec<(String, String)>, HiddenQueryError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.exchange(&out, |_| {}).await
+    }
+
+    /// Sends `out` (ending in a Sync or a simple query) and reads up to
+    /// ReadyForQuery, handing each DataRow body to `on_row`. Returns the
+    /// ParameterStatus reports, or the server's (first) error.
+    pub async fn exchange(
+        &mut self,
+        out: &[u8],
+        mut on_row: impl FnMut(&[u8]),
+    ) -> Result<Vec<(String, String)>, HiddenQueryError> {
+        self.stream.write_all(out).await?;
         let mut reports = Vec::new();
         let mut failure = None;
         loop {
             let (tag, body) = self.read_message().await?;
             match tag {
+                backend::DATA_ROW => on_row(&body),
                 backend::PARAMETER_STATUS => reports.push(self.record_parameter(&body)?),
-                backend::ERROR_RESPONSE => failure = Some(ServerErrorFields::parse(&body)),
+                backend::ERROR_RESPONSE => {
+                    failure.get_or_insert_with(|| ServerErrorFields::parse(&body));
+                }
                 backend::READY_FOR_QUERY => {
                     self.tx_status = body.first().copied().unwrap_or(b'I');
                     return match failure {

@@ -107,7 +107,7 @@ impl StatementRegistry {
         let body = Bytes::copy_from_slice(body);
         let stmt = Arc::new(Statement {
             id,
-            server_name: format!("pgsw_{id}").into_bytes().into_boxed_slice(),
+            server_name: server_name(id).into_boxed_slice(),
             body: body.clone(),
             validated: AtomicBool::new(false),
             stale: AtomicBool::new(false),
@@ -123,6 +123,11 @@ impl StatementRegistry {
         }
         stmt
     }
+}
+
+/// The proxy-wide name of statement `id` on servers.
+pub fn server_name(id: u64) -> Vec<u8> {
+    format!("pgsw_{id}").into_bytes()
 }
 
 /// What PostgreSQL compares when it revalidates a prepared statement's

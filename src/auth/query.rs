@@ -15,15 +15,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
+use bytes::{Buf, BytesMut};
 
 use super::scram::ScramSecret;
 use crate::config::Config;
 use crate::protocol::error::{sqlstate, ServerErrorFields};
-use crate::protocol::messages::{self, backend, frontend};
+use crate::protocol::messages;
 use crate::protocol::PgError;
-use crate::server::{BackendAddr, Credentials, Login, ServerConn, ServerError};
+use crate::server::{BackendAddr, Credentials, HiddenQueryError, Login, ServerConn, ServerError};
 
 /// Users cached at most; beyond it expired entries go first, then arbitrary ones.
 const MAX_CACHED: usize = 10_000;
@@ -175,47 +174,19 @@ async fn query_secret(
     user: &str,
 ) -> Result<Option<Arc<ScramSecret>>, AuthQueryError> {
     let mut out = BytesMut::new();
-    messages::write_message(&mut out, frontend::PARSE, |b| {
-        b.put_u8(0);
-        put_cstr(b, sql);
-        b.put_i16(0);
-    });
-    messages::write_message(&mut out, frontend::BIND, |b| {
-        b.put_u8(0);
-        b.put_u8(0);
-        b.put_i16(0);
-        b.put_i16(1);
-        b.put_i32(user.len() as i32);
-        b.put_slice(user.as_bytes());
-        b.put_i16(0);
-    });
-    messages::write_message(&mut out, frontend::EXECUTE, |b| {
-        b.put_u8(0);
-        b.put_i32(0);
-    });
-    messages::write_message(&mut out, frontend::SYNC, |_| {});
-    conn.stream.write_all(&out).await.map_err(ServerError::Io)?;
-
-    let mut stored: Option<Option<String>> = None;
-    let mut failure = None;
-    loop {
-        let (tag, body) = conn.read_message().await?;
-        match tag {
-            b'D' if stored.is_none() => stored = Some(secret_column(&body)?),
-            backend::ERROR_RESPONSE => failure = Some(ServerErrorFields::parse(&body)),
-            backend::PARAMETER_STATUS => {
-                conn.record_parameter(&body)?;
-            }
-            backend::READY_FOR_QUERY => {
-                conn.tx_status = body.first().copied().unwrap_or(b'I');
-                break;
-            }
-            _ => {}
-        }
+    messages::extended_query(&mut out, sql, &[user]);
+    let mut first_row: Option<Vec<u8>> = None;
+    let answered = conn
+        .exchange(&out, |row| {
+            first_row.get_or_insert_with(|| row.to_vec());
+        })
+        .await;
+    match answered {
+        Ok(_) => {}
+        Err(HiddenQueryError::Failed(fields)) => return Err(AuthQueryError::Failed(fields)),
+        Err(HiddenQueryError::Server(e)) => return Err(AuthQueryError::Server(e)),
     }
-    if let Some(fields) = failure {
-        return Err(AuthQueryError::Failed(fields));
-    }
+    let stored = first_row.map(|row| secret_column(&row)).transpose()?;
     Ok(stored
         .flatten()
         .and_then(|text| ScramSecret::parse(&text).ok())
@@ -255,14 +226,10 @@ fn secret_column(body: &[u8]) -> Result<Option<String>, AuthQueryError> {
     Err(AuthQueryError::MalformedRow)
 }
 
-fn put_cstr(b: &mut BytesMut, s: &str) {
-    b.put_slice(s.as_bytes());
-    b.put_u8(0);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
 
     fn row(columns: &[Option<&str>]) -> Vec<u8> {
         let mut b = BytesMut::new();

@@ -52,15 +52,6 @@ pub fn mechanisms() -> &'static [u8] {
     b"SCRAM-SHA-256\0\0"
 }
 
-/// A fresh random key for [`ScramSecret::mock`]. Generate it once per process
-/// and keep it: a stable key gives an unknown user the same salt on every try,
-/// as a real user would see.
-pub fn random_mock_key() -> [u8; 32] {
-    let mut key = [0; 32];
-    OsRng.fill_bytes(&mut key);
-    key
-}
-
 /// Why an exchange (or parsing a stored secret) failed.
 ///
 /// The variants map to distinct SQLSTATEs so that a broken client and a wrong
@@ -577,6 +568,12 @@ fn decode_key(s: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn random_mock_key() -> [u8; 32] {
+        let mut key = [0; 32];
+        OsRng.fill_bytes(&mut key);
+        key
+    }
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     /// Runs a full exchange between postgres-protocol's client and our server.

@@ -14,7 +14,7 @@ use crate::protocol::error::sqlstate;
 use crate::protocol::messages::{self, frontend};
 use crate::protocol::PgError;
 use crate::server::ServerConn;
-use crate::statements::Statement;
+use crate::statements::{self, Statement};
 
 /// The server-side name of a Parse that only asks the server whether it would
 /// accept a statement; never left prepared.
@@ -164,7 +164,7 @@ impl Translator<'_> {
     /// Makes room in the server's statement cache for `id` and records it.
     fn evict_for(&mut self, id: u64) {
         if let Some(old) = self.server.statements.insert(id) {
-            messages::close_statement(self.to_server, format!("pgsw_{old}").as_bytes());
+            messages::close_statement(self.to_server, &statements::server_name(old));
             self.pipeline.hidden(Reply::Close, Undo::Closed(old));
         }
     }

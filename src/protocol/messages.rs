@@ -16,6 +16,7 @@ pub mod backend {
     pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';
     pub const COMMAND_COMPLETE: u8 = b'C';
+    pub const DATA_ROW: u8 = b'D';
     pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const EMPTY_QUERY: u8 = b'I';
     pub const ERROR_RESPONSE: u8 = b'E';
@@ -226,6 +227,31 @@ pub fn bind_execute_unnamed(out: &mut BytesMut) {
         b.put_u8(0);
         b.put_i32(0);
     });
+}
+
+/// An unnamed Parse, Bind, Execute and Sync of `sql` with text parameters
+/// and text results: one query of the proxy's own, in one round trip.
+pub fn extended_query(out: &mut BytesMut, sql: &str, params: &[&str]) {
+    write_message(out, frontend::PARSE, |b| {
+        b.put_u8(0);
+        put_cstr(b, sql.as_bytes());
+        b.put_i16(0);
+    });
+    write_message(out, frontend::BIND, |b| {
+        b.put_slice(b"\0\0");
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p.as_bytes());
+        }
+        b.put_i16(0);
+    });
+    write_message(out, frontend::EXECUTE, |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    write_message(out, frontend::SYNC, |_| {});
 }
 
 pub fn flush(out: &mut BytesMut) {
