@@ -1,21 +1,25 @@
 //! pgswitch: a PostgreSQL wire-protocol pooling proxy for zero-downtime
 //! blue/green cutovers.
 //!
-//! Data plane: [`client`] (handshake and session loop), [`pool`], [`server`],
-//! [`protocol`]. Control plane: [`switch`] (active backend and gate), [`app`]
-//! (listener, reload, shutdown).
+//! Data plane: [`client`] (handshake and session loop) over a [`data_plane`]
+//! handle: [`backends`] and their [`pool`]s of [`server`] connections,
+//! [`statements`], [`session_params`], [`protocol`]. Control plane: [`switch`]
+//! (active backend and gate, the two planes' meeting point), [`cutover`],
+//! [`replication`], [`admin`]. [`runtime`] composes them. See ARCHITECTURE.md.
 
 pub mod admin;
-pub mod app;
 pub mod auth;
+pub mod backends;
 pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod cutover;
+pub mod data_plane;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod replication;
+pub mod runtime;
 pub mod server;
 pub mod session_params;
 pub mod statements;

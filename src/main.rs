@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pgswitch::app::{self, App};
 use pgswitch::config::{Config, LogFormat};
+use pgswitch::data_plane::{LoadError, TlsSetup};
+use pgswitch::runtime::Runtime;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -162,8 +163,8 @@ fn main() -> ExitCode {
             Some(switch_body(&args)),
         ),
         Command::CheckConfig { config } => match Config::load(&config)
-            .map_err(app::AppError::from)
-            .and_then(|c| app::TlsSetup::load(&c))
+            .map_err(LoadError::from)
+            .and_then(|c| TlsSetup::load(&c))
         {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -190,10 +191,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = runtime.block_on(async move {
-                let app = App::new(config, path)?;
-                app::run(app).await
-            });
+            let result = runtime.block_on(async move { Runtime::new(config, path)?.run().await });
             // Don't wait for sessions still draining past shutdown_timeout.
             runtime.shutdown_background();
             match result {

@@ -5,7 +5,6 @@
 //! and passes the gate (an atomic load) before taking a server connection. A
 //! cutover closes the gate, swaps the backend and opens the gate again.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,46 +12,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::config::Side;
-use crate::pool::{Pool, PoolKey, PoolSettings};
-use crate::server::BackendAddr;
-
-/// One database server and the pools pgswitch keeps to it.
-pub struct Backend {
-    pub side: Side,
-    pub addr: Arc<BackendAddr>,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-}
-
-impl Backend {
-    pub fn new(side: Side, addr: BackendAddr) -> Arc<Backend> {
-        Arc::new(Backend {
-            side,
-            addr: Arc::new(addr),
-            pools: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The pool for `key`, created with `settings` on first use.
-    pub fn pool(&self, key: &PoolKey, settings: impl FnOnce() -> PoolSettings) -> Arc<Pool> {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = pools.get(key) {
-            return pool.clone();
-        }
-        let pool = Pool::new(key.clone(), self.addr.clone(), settings());
-        pools.insert(key.clone(), pool.clone());
-        pool
-    }
-
-    pub fn pools(&self) -> Vec<Arc<Pool>> {
-        self.pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-}
+use crate::backends::Backend;
 
 /// Who holds the gate closed. It opens only when no one does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,10 @@
-//! The admin HTTP API (control plane): health, status, Prometheus metrics, and
-//! the manual gate (pause/resume). Every endpoint but `GET /health` requires
+//! The admin HTTP API (control plane): health, status, Prometheus metrics,
+//! cutover and fallback, and the operator's hold of the gate (pause/resume). Every endpoint but `GET /health` requires
 //! `Authorization: Bearer <token>` when a token is configured; a non-loopback
 //! listen address without a token is refused at config load.
 
 pub mod client;
+mod views;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,8 +22,10 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::app::App;
-use crate::cutover::{Direction, Options};
+use crate::cutover::{Controller, Direction, Options};
+use crate::data_plane::DataPlane;
+use crate::replication::LagWatch;
+use crate::switch::Holder;
 use http_body_util::BodyExt;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +43,15 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
         .map_err(|source| AdminError::Listen { addr, source })
 }
 
+/// What the admin API acts on and reports.
+pub struct AdminState {
+    pub data: Arc<DataPlane>,
+    pub cutover: Arc<Controller>,
+    pub lag: Arc<LagWatch>,
+}
+
 /// Serves the admin API until the process ends.
-pub async fn serve(app: Arc<App>, listener: TcpListener) {
+pub async fn serve(app: Arc<AdminState>, listener: TcpListener) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -67,7 +77,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     if req.method() == Method::GET && path == "/health" {
         return text(StatusCode::OK, "ok\n");
@@ -79,9 +89,9 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
         );
     }
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/status") => json_response(StatusCode::OK, &app.status_json()),
+        (&Method::GET, "/status") => json_response(StatusCode::OK, &views::status(app)),
         (&Method::GET, "/metrics") => {
-            let body = app.metrics.render(&app.metrics_snapshot());
+            let body = app.data.metrics.render(&views::metrics_snapshot(&app.data));
             Response::builder()
                 .status(StatusCode::OK)
                 .header(
@@ -103,7 +113,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     return json_response(StatusCode::BAD_REQUEST, &json!({"error": message}))
                 }
             };
-            let report = app.cutover.run(app, direction, options).await;
+            let report = app.cutover.run(&app.data, direction, options).await;
             let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::CONFLICT);
             json_response(status, &serde_json::to_value(&report).unwrap_or_default())
         }
@@ -112,12 +122,12 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             &serde_json::to_value(app.cutover.history()).unwrap_or_default(),
         ),
         (&Method::POST, "/pause") => {
-            app.pause();
-            json_response(StatusCode::OK, &app.status_json())
+            pause(&app.data);
+            json_response(StatusCode::OK, &views::status(app))
         }
         (&Method::POST, "/resume") => {
-            app.resume();
-            json_response(StatusCode::OK, &app.status_json())
+            resume(&app.data);
+            json_response(StatusCode::OK, &views::status(app))
         }
         _ => json_response(
             StatusCode::NOT_FOUND,
@@ -140,8 +150,24 @@ async fn read_options(req: Request<Incoming>) -> Result<Options, String> {
     serde_json::from_slice(&body).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
-fn authorized(app: &App, req: &Request<Incoming>) -> bool {
-    let Some(expected) = app.admin_token() else {
+/// The operator's hold of the gate: new transactions wait until /resume, also
+/// across a cutover that runs meanwhile.
+fn pause(data: &DataPlane) {
+    if data.switch.gate.hold(Holder::Operator) {
+        tracing::info!("paused: new transactions wait at the gate");
+    }
+}
+
+/// Ends the operator's hold; the gate opens unless a cutover holds it too.
+fn resume(data: &DataPlane) {
+    if let Some(held) = data.switch.gate.release(Holder::Operator) {
+        data.metrics.pause_seconds.observe(held.as_secs_f64());
+        tracing::info!(pause_ms = held.as_millis() as u64, "resumed");
+    }
+}
+
+fn authorized(app: &AdminState, req: &Request<Incoming>) -> bool {
+    let Some(expected) = app.data.config().admin.resolved_token() else {
         return true; // loopback without a token: allowed by configuration
     };
     let given = req

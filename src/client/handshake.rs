@@ -11,21 +11,21 @@ use tokio::net::TcpStream;
 
 use super::conn::{ClientConn, ClientError};
 use super::session::Session;
-use crate::app::App;
+use crate::backends::Backend;
 use crate::cancel::CancelKey;
 use crate::config::ClientTlsMode;
 use crate::config::PoolMode;
+use crate::data_plane::DataPlane;
 use crate::pool::{Pool, PoolKey};
 use crate::protocol::error::sqlstate;
 use crate::protocol::framing::{GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
 use crate::protocol::messages;
 use crate::protocol::{PgError, StartupPacket};
 use crate::session_params::{ParamSet, Reported};
-use crate::switch::Backend;
 use crate::tls::{ClientTls, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
 
 /// Serves one client connection to its end, and logs how it ended.
-pub async fn serve(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let id = app.next_client_id();
     let _count = app.count_client();
@@ -212,7 +212,7 @@ async fn start_tls(
 }
 
 async fn login(
-    app: &Arc<App>,
+    app: &Arc<DataPlane>,
     tls: &ClientTls,
     conn: &mut ClientConn,
     id: u32,

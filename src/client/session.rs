@@ -23,9 +23,10 @@ use super::conn::{ClientConn, ClientError};
 use super::handshake::Established;
 use super::pipeline::{Pipeline, Reply, Route, Synthetic, Undo};
 use super::translate::{statement_command, Command, Reset, Step, Translator};
-use crate::app::App;
+use crate::backends::Backend;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::config::PoolMode;
+use crate::data_plane::DataPlane;
 use crate::pool::{Checkout, Pool, PoolKey};
 use crate::protocol::error::{sqlstate, ServerErrorFields};
 use crate::protocol::messages::{self, backend, frontend};
@@ -33,7 +34,7 @@ use crate::protocol::{FrameHeader, PgError};
 use crate::server::ServerConn;
 use crate::session_params::ParamSet;
 use crate::statements::Statement;
-use crate::switch::{Backend, InFlight};
+use crate::switch::InFlight;
 use crate::tls::{ClientStream, MaybeTls};
 
 /// Stop reading a side once this much is waiting to be written to the other.
@@ -43,7 +44,7 @@ const HIGH_WATER: usize = 256 * 1024;
 pub type CloseReason = &'static str;
 
 pub struct Session {
-    app: Arc<App>,
+    app: Arc<DataPlane>,
     client: ClientStream,
     cbuf: BytesMut,
     to_client: BytesMut,
@@ -83,7 +84,7 @@ enum Closed {
 }
 
 impl Session {
-    pub fn new(app: Arc<App>, conn: ClientConn, login: Established) -> Session {
+    pub fn new(app: Arc<DataPlane>, conn: ClientConn, login: Established) -> Session {
         Session {
             app,
             client: conn.stream,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::pipeline::{Pipeline, Reply, Synthetic, Undo};
-use crate::app::App;
+use crate::data_plane::DataPlane;
 use crate::protocol::error::sqlstate;
 use crate::protocol::messages::{self, frontend};
 use crate::protocol::PgError;
@@ -46,7 +46,7 @@ pub(super) enum Step {
 
 /// Rewrites one client message for the server in transaction mode.
 pub(super) struct Translator<'a> {
-    pub(super) app: &'a App,
+    pub(super) app: &'a DataPlane,
     pub(super) server: &'a mut ServerConn,
     pub(super) statements: &'a mut HashMap<Bytes, Arc<Statement>>,
     /// The client's `search_path`: statements are shared within it only.

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::app::App;
 use crate::config::Side;
+use crate::data_plane::DataPlane;
 use crate::replication;
 pub use report::{Outcome, Report};
 use run::Run;
@@ -116,7 +116,7 @@ impl Controller {
     }
 
     /// Runs a cutover or fallback to its end and returns the report.
-    pub async fn run(&self, app: &App, direction: Direction, options: Options) -> Report {
+    pub async fn run(&self, app: &DataPlane, direction: Direction, options: Options) -> Report {
         let mut report = Report::new(
             direction.name(),
             direction.from(),
@@ -158,7 +158,7 @@ impl Controller {
         self.record(app, report)
     }
 
-    fn record(&self, app: &App, report: Report) -> Report {
+    fn record(&self, app: &DataPlane, report: Report) -> Report {
         app.metrics
             .cutovers
             .get_or_create(&crate::metrics::OutcomeLabels {

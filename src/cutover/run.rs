@@ -7,8 +7,8 @@ use tokio_postgres::Client;
 
 use super::report::Outcome;
 use super::{state, Controller, CutoverError, Direction, Report, OLD_SIDE_GRACE};
-use crate::app::App;
 use crate::config::{Config, DrainAction, Side};
+use crate::data_plane::DataPlane;
 use crate::replication::{self, Fence, Lsn, ReverseNames};
 use crate::switch::Holder;
 
@@ -39,7 +39,7 @@ struct Conns {
 }
 
 pub(super) struct Run<'a> {
-    app: &'a App,
+    app: &'a DataPlane,
     controller: &'a Controller,
     config: &'a Config,
     direction: Direction,
@@ -93,7 +93,7 @@ struct Stream<'c> {
 
 impl<'a> Run<'a> {
     pub(super) fn new(
-        app: &'a App,
+        app: &'a DataPlane,
         controller: &'a Controller,
         config: &'a Config,
         direction: Direction,
@@ -479,7 +479,7 @@ impl<'a> Run<'a> {
     /// left: a connection not warmed is opened on demand after
     /// the swap, which is slower but no reason to abort the cutover, and
     /// the pause needs the rest of the time.
-    async fn warm_target(&self, target: &crate::switch::Backend) {
+    async fn warm_target(&self, target: &crate::backends::Backend) {
         let mut opening = tokio::task::JoinSet::new();
         for pool in self.app.switch.active().pools() {
             let want = pool.stats().open;

@@ -11,7 +11,8 @@
 //!   until the new side has applied it, [`sync_sequences`],
 //!   [`activate_reverse`], [`fence`];
 //! * aborts: [`undo_activate_reverse`], [`unfence`], [`undo_prepare_reverse`];
-//! * after a fallback: [`restore_forward`] (and [`undo_restore_forward`]).
+//! * after a fallback: [`restore_forward`] (and [`undo_restore_forward`]);
+//! * all the time: [`watch_lag`], the lag a cutover would wait for.
 //!
 //! Every function takes `&tokio_postgres::Client` connected as a superuser
 //! (or a role allowed to manage subscriptions, slots, origins and roles) to
@@ -23,6 +24,7 @@ mod direction;
 mod fence;
 mod lsn;
 mod sequences;
+mod watch;
 
 pub use catchup::{
     flush_and_mark, replication_lag, subscription_status, wait_applied, Lag, SubscriptionStatus,
@@ -35,6 +37,7 @@ pub use direction::{
 pub use fence::{apply_fence, fence, plan_fence, unfence, Fence, RoleFence};
 pub use lsn::Lsn;
 pub use sequences::sync_sequences;
+pub use watch::{watch_lag, LagWatch};
 
 use std::time::Duration;
 
