@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::auth::ScramKeys;
 use crate::config::{Config, Side};
 use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::scram::client::ScramKeys;
 use crate::server::{BackendAddr, Credentials, Login};
 
 /// One database server and the pools pgswitch keeps to it.

@@ -13,12 +13,11 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::auth::scram_client::{ScramClient, ScramClientError};
-use crate::auth::ScramKeys;
 use crate::protocol::error::{sqlstate, ServerErrorFields, SqlState};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::messages::{self, backend};
 use crate::protocol::{FrameHeader, PgError};
+use crate::scram::client::{ScramClient, ScramClientError, ScramKeys};
 use crate::session_params::ParamSet;
 use crate::statements::ServerStatements;
 use crate::tls::{ServerStream, ServerTls, TlsError};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use pgswitch::auth::scram::ScramSecret;
+use pgswitch::scram::ScramSecret;
 use support::*;
 use tokio_postgres::NoTls;
 

@@ -4,8 +4,6 @@
 
 pub mod md5;
 pub mod query;
-pub mod scram;
-pub mod scram_client;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,14 +11,14 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::client::conn::{ClientConn, ClientError};
+use crate::client_conn::{ClientConn, ClientError};
 use crate::config::{AuthMethod, Config};
 use crate::protocol::error::{sqlstate, SqlState};
 use crate::protocol::framing::read_cbytes;
-use crate::protocol::messages::{self, frontend};
+use crate::protocol::messages;
 use crate::protocol::PgError;
-use scram::{ScramExchange, ScramSecret};
-pub use scram_client::{ClientKey, ScramKeys};
+pub use crate::scram::client::{ClientKey, ScramKeys};
+use crate::scram::{self, ScramExchange, ScramSecret};
 
 /// Secrets derived from the configured passwords, computed once per load
 /// (PBKDF2 is deliberately slow and must not run per login).
@@ -191,16 +189,4 @@ async fn md5_exchange(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Reads the body of the client's next password-type message.
-pub(crate) fn expect_password_message(tag: u8) -> Result<(), ClientError> {
-    if tag == frontend::PASSWORD {
-        Ok(())
-    } else {
-        Err(ClientError::Pg(PgError::protocol(format!(
-            "expected password response, got message type '{}'",
-            tag.escape_ascii()
-        ))))
-    }
 }

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 
-use super::scram::ScramSecret;
 use crate::config::Config;
 use crate::protocol::error::{sqlstate, ServerErrorFields};
 use crate::protocol::messages;
 use crate::protocol::PgError;
+use crate::scram::ScramSecret;
 use crate::server::{BackendAddr, Credentials, HiddenQueryError, Login, ServerConn, ServerError};
 
 /// Users cached at most; beyond it expired entries go first, then arbitrary ones.

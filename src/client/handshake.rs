@@ -9,12 +9,9 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::net::TcpStream;
 
-use super::conn::{ClientConn, ClientError};
-use super::session::Session;
-use crate::backends::Backend;
-use crate::cancel::CancelKey;
+use super::session::{Established, Session};
+use crate::client_conn::{ClientConn, ClientError};
 use crate::config::ClientTlsMode;
-use crate::config::PoolMode;
 use crate::data_plane::DataPlane;
 use crate::pool::{Pool, PoolKey};
 use crate::protocol::error::sqlstate;
@@ -86,16 +83,6 @@ pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(client = id, %peer, duration_ms, %reason, "client closed during login");
-}
-
-/// A logged-in client, ready for its session.
-pub struct Established {
-    pub backend: Arc<Backend>,
-    pub pool: Arc<Pool>,
-    pub pool_key: PoolKey,
-    pub mode: PoolMode,
-    pub params: Arc<ParamSet>,
-    pub cancel: CancelKey,
 }
 
 /// A failure while opening, with the connection if it is still usable for an

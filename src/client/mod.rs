@@ -2,7 +2,6 @@
 //! parameters) and then the session loop that relays frames to a pooled
 //! server connection.
 
-pub mod conn;
 mod handshake;
 mod pipeline;
 mod session;

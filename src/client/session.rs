@@ -19,12 +19,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
-use super::conn::{ClientConn, ClientError};
-use super::handshake::Established;
 use super::pipeline::{Pipeline, Reply, Route, Synthetic, Undo};
 use super::translate::{statement_command, Command, Reset, Step, Translator};
 use crate::backends::Backend;
 use crate::cancel::{CancelKey, CancelTarget};
+use crate::client_conn::{ClientConn, ClientError};
 use crate::config::PoolMode;
 use crate::data_plane::DataPlane;
 use crate::pool::{Checkout, Pool, PoolKey};
@@ -36,6 +35,16 @@ use crate::session_params::ParamSet;
 use crate::statements::Statement;
 use crate::switch::InFlight;
 use crate::tls::{ClientStream, MaybeTls};
+
+/// A logged-in client, ready for its session.
+pub struct Established {
+    pub backend: Arc<Backend>,
+    pub pool: Arc<Pool>,
+    pub pool_key: PoolKey,
+    pub mode: PoolMode,
+    pub params: Arc<ParamSet>,
+    pub cancel: CancelKey,
+}
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;

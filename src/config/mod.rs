@@ -14,7 +14,7 @@ use serde::Deserialize;
 mod sections;
 pub use sections::*;
 
-use crate::auth::scram::ScramSecret;
+use crate::scram::ScramSecret;
 
 /// PgBouncer's and pgswitch's default `auth_query`.
 pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";

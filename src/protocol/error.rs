@@ -168,10 +168,13 @@ impl ServerErrorFields {
             if tag == 0 {
                 break;
             }
-            body = rest;
-            let Ok(value) = super::framing::read_cstr(&mut body) else {
+            let Some(end) = rest.iter().position(|&b| b == 0) else {
                 break;
             };
+            let Ok(value) = std::str::from_utf8(&rest[..end]) else {
+                break;
+            };
+            body = &rest[end + 1..];
             match tag {
                 b'V' => fields.severity = value.to_owned(),
                 b'S' if fields.severity.is_empty() => fields.severity = value.to_owned(),

@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::framing::{take_startup, MAX_STARTUP_LEN};
+use crate::protocol::messages::frontend;
 use crate::protocol::{FrameHeader, PgError, StartupPacket};
 use crate::tls::{ClientStream, MaybeTls};
 
@@ -67,7 +68,7 @@ impl ClientConn {
                 if h.len > MAX_STARTUP_LEN {
                     return Err(PgError::protocol("authentication message too long").into());
                 }
-                crate::auth::expect_password_message(h.tag)?;
+                expect_password_message(h.tag)?;
                 if self.buf.len() >= h.len {
                     let mut msg = self.buf.split_to(h.len);
                     msg.advance(5);
@@ -87,5 +88,17 @@ impl ClientConn {
         self.stream.write_all(bytes).await?;
         self.stream.flush().await?;
         Ok(())
+    }
+}
+
+/// Refuses anything but a password-type message during authentication.
+fn expect_password_message(tag: u8) -> Result<(), ClientError> {
+    if tag == frontend::PASSWORD {
+        Ok(())
+    } else {
+        Err(ClientError::Pg(PgError::protocol(format!(
+            "expected password response, got message type '{}'",
+            tag.escape_ascii()
+        ))))
     }
 }

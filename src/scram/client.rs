@@ -1,7 +1,7 @@
 //! SCRAM-SHA-256 client side without the password: SCRAM pass-through.
 //!
 //! After a client proved itself to pgswitch against a secret, pgswitch holds
-//! that client's ClientKey (see [`super::scram::ScramExchange::client_key`]).
+//! that client's ClientKey (see [`super::ScramExchange::client_key`]).
 //! With the ClientKey and the secret (StoredKey, ServerKey) pgswitch can log in
 //! to a server that stores the *same* secret for the role, as the client could:
 //!
@@ -31,7 +31,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::scram::{hmac_sha256, xor, ScramSecret};
+use super::{hmac_sha256, xor, ScramSecret};
 
 /// A client's SCRAM ClientKey: enough to log in as that client wherever the
 /// same secret is stored, so it is handled like a password (memory only,
@@ -202,7 +202,7 @@ fn attribute(part: Option<&str>, name: char) -> Result<&str, ScramClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::scram::{ScramExchange, SCRAM_SHA_256};
+    use crate::scram::{ScramExchange, SCRAM_SHA_256};
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     /// A ClientKey as the proxy learns it: a password client logs in to our server.

@@ -26,6 +26,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub mod client;
+
 /// The only mechanism we offer. `-PLUS` (channel binding) needs the TLS
 /// certificate hash and is not implemented yet.
 pub const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
