@@ -6,6 +6,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::protocol::error::UserFacingError;
 use crate::protocol::framing::{take_startup, MAX_STARTUP_LEN};
 use crate::protocol::messages::frontend;
 use crate::protocol::{FrameHeader, PgError, StartupPacket};
@@ -19,6 +20,41 @@ pub enum ClientError {
     /// Sent to the client as an ErrorResponse before closing.
     #[error("{0}")]
     Pg(#[from] PgError),
+}
+
+/// Any module error a client may see ends its session as that error's
+/// ErrorResponse (see [`UserFacingError`]).
+macro_rules! user_facing {
+    ($($error:ty),*) => {$(
+        impl From<$error> for ClientError {
+            fn from(e: $error) -> Self {
+                ClientError::Pg(e.to_pg_error())
+            }
+        }
+    )*};
+}
+
+user_facing!(
+    crate::pool::PoolError,
+    crate::server::ServerError,
+    crate::server::HiddenQueryError,
+    crate::auth::query::AuthQueryError
+);
+
+impl ClientError {
+    /// The one edge where an error that ends a client's connection becomes
+    /// what the client is sent (if anyone is there to tell) and what the log
+    /// says; the errors metric counts it by SQLSTATE class.
+    pub fn into_reply(self, metrics: &crate::metrics::Metrics) -> (Option<PgError>, String) {
+        match self {
+            ClientError::Io(e) => (None, format!("client connection error: {e}")),
+            ClientError::Pg(e) => {
+                metrics.count_error(e.code.class());
+                let reason = e.to_string();
+                (Some(e), reason)
+            }
+        }
+    }
 }
 
 pub struct ClientConn {

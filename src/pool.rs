@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::error::sqlstate;
+use crate::protocol::error::{sqlstate, UserFacingError};
 use crate::protocol::PgError;
 use crate::server::{BackendAddr, Login, ServerConn, ServerError};
 use crate::session_params::{ParamSet, Reported};
@@ -57,8 +57,8 @@ pub enum PoolError {
     Server(#[from] ServerError),
 }
 
-impl PoolError {
-    pub fn to_client_error(&self) -> PgError {
+impl UserFacingError for PoolError {
+    fn to_pg_error(&self) -> PgError {
         match self {
             PoolError::WaitTimeout { .. } => {
                 PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, format!("pgswitch: {self}"))
@@ -69,7 +69,7 @@ impl PoolError {
             PoolError::Closed(_) => {
                 PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgswitch: {self}"))
             }
-            PoolError::Server(e) => e.to_client_error(),
+            PoolError::Server(e) => e.to_pg_error(),
         }
     }
 }

@@ -13,7 +13,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::protocol::error::{sqlstate, ServerErrorFields, SqlState};
+use crate::protocol::error::{sqlstate, ServerErrorFields, SqlState, UserFacingError};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::messages::{self, backend};
 use crate::protocol::{FrameHeader, PgError};
@@ -112,9 +112,9 @@ pub enum ServerError {
     Io(#[from] io::Error),
 }
 
-impl ServerError {
+impl UserFacingError for ServerError {
     /// The error a client sees when its server connection could not be had.
-    pub fn to_client_error(&self) -> PgError {
+    fn to_pg_error(&self) -> PgError {
         match self {
             // The server's own verdict (wrong password, unknown database, too many
             // connections...) is what the client would have got connecting directly.
@@ -493,13 +493,13 @@ impl From<io::Error> for HiddenQueryError {
     }
 }
 
-impl HiddenQueryError {
-    pub fn to_client_error(&self) -> PgError {
+impl UserFacingError for HiddenQueryError {
+    fn to_pg_error(&self) -> PgError {
         match self {
             HiddenQueryError::Failed(fields) => {
                 PgError::fatal(SqlState::parse(&fields.code), fields.message.clone())
             }
-            HiddenQueryError::Server(e) => e.to_client_error(),
+            HiddenQueryError::Server(e) => e.to_pg_error(),
         }
     }
 }

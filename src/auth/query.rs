@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 
 use crate::config::Config;
-use crate::protocol::error::{sqlstate, ServerErrorFields};
+use crate::protocol::error::{sqlstate, ServerErrorFields, UserFacingError};
 use crate::protocol::messages;
 use crate::protocol::PgError;
 use crate::scram::ScramSecret;
@@ -37,10 +37,10 @@ pub enum AuthQueryError {
     MalformedRow,
 }
 
-impl AuthQueryError {
+impl UserFacingError for AuthQueryError {
     /// What the client sees: not the details (they are logged), since they are
     /// about pgswitch's own login, not the client's.
-    pub fn to_client_error(&self) -> PgError {
+    fn to_pg_error(&self) -> PgError {
         PgError::fatal(
             sqlstate::CONNECTION_FAILURE,
             "pgswitch: could not look up the user's credentials (auth_query failed; see the pgswitch log)",

@@ -71,16 +71,10 @@ pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
         }
         Err(e) => e,
     };
-    let reason = match failure {
-        ClientError::Io(e) => format!("client connection error: {e}"),
-        ClientError::Pg(e) => {
-            app.metrics.count_error(e.code.class());
-            if let Some(conn) = conn.as_mut() {
-                conn.send_error(&e).await;
-            }
-            e.to_string()
-        }
-    };
+    let (reply, reason) = failure.into_reply(&app.metrics);
+    if let (Some(e), Some(conn)) = (reply, conn.as_mut()) {
+        conn.send_error(&e).await;
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(client = id, %peer, duration_ms, %reason, "client closed during login");
 }
@@ -283,7 +277,7 @@ async fn login(
             .await
             .map_err(|e| {
                 tracing::warn!(client = id, error = %e, "auth_query lookup failed");
-                e.to_client_error()
+                ClientError::from(e)
             })?
     } else {
         None
@@ -368,17 +362,11 @@ async fn login_params(pool: &Arc<Pool>, raw: &Arc<ParamSet>) -> Result<LoginPara
     if let Some(known) = pool.known_params(raw) {
         return Ok(known);
     }
-    let mut checker = pool
-        .param_checker()
-        .await
-        .map_err(|e| e.to_client_error())?;
+    let mut checker = pool.param_checker().await?;
     let server = checker.conn();
     let mut normalized = (**raw).clone();
     if let Some(sql) = raw.transition_sql(&server.applied) {
-        let reports = server
-            .run_hidden(&sql)
-            .await
-            .map_err(|e| e.to_client_error())?;
+        let reports = server.run_hidden(&sql).await?;
         normalized = normalized.normalized_by(&reports);
     }
     let set = Arc::new(normalized);

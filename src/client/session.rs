@@ -124,12 +124,13 @@ impl Session {
     pub async fn run(mut self) -> String {
         let reason = match self.serve().await {
             Ok(reason) => reason.to_owned(),
-            Err(ClientError::Io(e)) => format!("client connection error: {e}"),
-            Err(ClientError::Pg(e)) => {
-                self.app.metrics.count_error(e.code.class());
-                self.to_client.extend_from_slice(&e.to_bytes());
-                let _ = self.flush_client().await;
-                e.to_string()
+            Err(failure) => {
+                let (reply, reason) = failure.into_reply(&self.app.metrics);
+                if let Some(e) = reply {
+                    self.to_client.extend_from_slice(&e.to_bytes());
+                    let _ = self.flush_client().await;
+                }
+                reason
             }
         };
         Box::pin(self.return_session_server()).await;
@@ -307,7 +308,7 @@ impl Session {
             self.pool = self.app.pool_for(&active, &self.pool_key);
             self.backend = active;
         }
-        let mut server = self.pool.acquire().await.map_err(|e| e.to_client_error())?;
+        let mut server = self.pool.acquire().await?;
         if self.mode == PoolMode::Session {
             // Session mode relays the server's replies unfiltered: the
             // parameters are set before the client's first message goes out.
@@ -329,10 +330,7 @@ impl Session {
     async fn apply_params(&mut self, server: &mut ServerConn) -> Result<(), ClientError> {
         if !Arc::ptr_eq(&server.applied, &self.params) {
             if let Some(sql) = self.params.transition_sql(&server.applied) {
-                server
-                    .run_hidden(&sql)
-                    .await
-                    .map_err(|e| e.to_client_error())?;
+                server.run_hidden(&sql).await?;
             }
             server.applied = self.params.clone();
         }

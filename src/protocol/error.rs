@@ -73,6 +73,20 @@ impl Severity {
     }
 }
 
+/// An error a client may be told about: what it reads as, with the SQLSTATE
+/// PostgreSQL would use (whose class also labels the errors metric). Every
+/// module error that can reach a client implements it; the one place that
+/// sends it is `ClientError::into_reply`.
+pub trait UserFacingError: std::error::Error {
+    fn to_pg_error(&self) -> PgError;
+}
+
+impl UserFacingError for PgError {
+    fn to_pg_error(&self) -> PgError {
+        self.clone()
+    }
+}
+
 /// An error to be sent to a client as an ErrorResponse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{} {}: {message}", severity.as_str(), code)]
