@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::error::{sqlstate, UserFacingError};
 use crate::protocol::PgError;
+use crate::protocol::TxStatus;
 use crate::server::{BackendAddr, Login, ServerConn, ServerError};
 use crate::session_params::{ParamSet, Reported};
 
@@ -244,7 +245,10 @@ impl Pool {
     fn give_back(&self, mut conn: ServerConn) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         let lifetime = self.settings.load().lifetime;
-        if conn.tx_status == b'I' && conn.rbuf.is_empty() && conn.created.elapsed() < lifetime {
+        if conn.tx_status == TxStatus::Idle
+            && conn.rbuf.is_empty()
+            && conn.created.elapsed() < lifetime
+        {
             conn.idle_since = Instant::now();
             self.idle
                 .lock()

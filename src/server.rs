@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use crate::protocol::error::{sqlstate, ServerErrorFields, SqlState, UserFacingError};
 use crate::protocol::framing::read_cstr;
 use crate::protocol::messages::{self, backend};
+use crate::protocol::TxStatus;
 use crate::protocol::{FrameHeader, PgError};
 use crate::scram::client::{ScramClient, ScramClientError, ScramKeys};
 use crate::session_params::ParamSet;
@@ -144,8 +145,8 @@ pub struct ServerConn {
     pub statements: ServerStatements,
     pub created: Instant,
     pub idle_since: Instant,
-    /// Status byte of the last ReadyForQuery: b'I', b'T' or b'E'.
-    pub tx_status: u8,
+    /// From the last ReadyForQuery; `Busy` while requests are out.
+    pub tx_status: TxStatus,
 }
 
 impl ServerConn {
@@ -197,7 +198,7 @@ impl ServerConn {
             statements: ServerStatements::new(statement_capacity),
             created: now,
             idle_since: now,
-            tx_status: b'I',
+            tx_status: TxStatus::Idle,
         };
         match tokio::time::timeout(connect_timeout, conn.login(login)).await {
             Ok(result) => result.map(|()| conn),
@@ -438,7 +439,7 @@ impl ServerConn {
                     failure.get_or_insert_with(|| ServerErrorFields::parse(&body));
                 }
                 backend::READY_FOR_QUERY => {
-                    self.tx_status = body.first().copied().unwrap_or(b'I');
+                    self.tx_status = TxStatus::from_byte(body.first().copied());
                     return match failure {
                         Some(fields) => Err(HiddenQueryError::Failed(fields)),
                         None => Ok(reports),
@@ -453,7 +454,7 @@ impl ServerConn {
     /// it (restart, pg_terminate_backend, idle timeout) has sent EOF or a FATAL
     /// error, both of which show up as readable bytes.
     pub fn is_usable(&mut self) -> bool {
-        if !self.rbuf.is_empty() || self.tx_status != b'I' {
+        if !self.rbuf.is_empty() || self.tx_status != TxStatus::Idle {
             return false;
         }
         let mut probe = [0u8; 64];

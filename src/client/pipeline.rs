@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use crate::protocol::messages::{self, backend};
+use crate::protocol::TxStatus;
 use std::sync::Arc;
 
 use crate::protocol::error::ServerErrorFields;
@@ -66,16 +67,16 @@ pub enum Synthetic {
 }
 
 impl Synthetic {
-    fn encode(&self, out: &mut BytesMut, status: u8) {
+    fn encode(&self, out: &mut BytesMut, status: TxStatus) {
         match self {
             Synthetic::Error(bytes) => out.extend_from_slice(bytes),
             Synthetic::ParseComplete => out.extend_from_slice(messages::PARSE_COMPLETE),
             Synthetic::CloseComplete => out.extend_from_slice(messages::CLOSE_COMPLETE),
             &Synthetic::Command(tag) => {
                 messages::command_complete(out, tag);
-                messages::ready_for_query(out, status);
+                messages::ready_for_query(out, status.byte());
             }
-            Synthetic::Ready => messages::ready_for_query(out, status),
+            Synthetic::Ready => messages::ready_for_query(out, status.byte()),
         }
     }
 }
@@ -148,7 +149,7 @@ pub struct Pipeline {
     /// The server is discarding messages until the client's next Sync.
     skipping: bool,
     /// ReadyForQuery status as the client last saw it.
-    client_status: u8,
+    client_status: TxStatus,
     /// A hidden parameter sync failed; the server's session state is unknown.
     pub hidden_failed: bool,
     /// The server is in COPY FROM STDIN of an extended-protocol Execute, where
@@ -166,7 +167,7 @@ impl Default for Pipeline {
         Pipeline {
             queue: VecDeque::new(),
             skipping: false,
-            client_status: b'I',
+            client_status: TxStatus::Idle,
             hidden_failed: false,
             copy_in: false,
             refused: Vec::new(),
@@ -204,7 +205,7 @@ impl Pipeline {
         self.copy_in = false;
     }
 
-    pub fn client_status(&self) -> u8 {
+    pub fn client_status(&self) -> TxStatus {
         self.client_status
     }
 
@@ -212,7 +213,7 @@ impl Pipeline {
     /// message: the client last saw a failed transaction, or a Sync or query
     /// is still unanswered and may leave one.
     pub fn may_be_failed(&self) -> bool {
-        self.client_status == b'E'
+        self.client_status == TxStatus::Failed
             || self.queue.iter().any(|p| {
                 p.visibility == Visibility::Client
                     && matches!(p.reply, Reply::Sync | Reply::Query | Reply::FunctionCall)
@@ -321,7 +322,7 @@ impl Pipeline {
             out.extend_from_slice(frame);
         }
         if tag == backend::READY_FOR_QUERY && from_client {
-            self.client_status = frame.get(5).copied().unwrap_or(b'I');
+            self.client_status = TxStatus::from_byte(frame.get(5).copied());
         }
         if tag == backend::COPY_IN_RESPONSE && reply == Reply::Execute {
             // The Syncs the client sent after this Execute reached the server

@@ -29,6 +29,7 @@ use crate::data_plane::DataPlane;
 use crate::pool::{Checkout, Pool, PoolKey};
 use crate::protocol::error::{sqlstate, ServerErrorFields};
 use crate::protocol::messages::{self, backend, frontend};
+use crate::protocol::TxStatus;
 use crate::protocol::{FrameHeader, PgError};
 use crate::server::ServerConn;
 use crate::session_params::ParamSet;
@@ -227,7 +228,7 @@ impl Session {
             None => self.cbuf.is_empty(),
             Some(server) => {
                 self.mode == PoolMode::Session
-                    && server.tx_status == b'I'
+                    && server.tx_status == TxStatus::Idle
                     && self.pipeline.is_idle()
                     && self.to_server.is_empty()
             }
@@ -345,7 +346,7 @@ impl Session {
         if let Some(sql) = self.params.transition_sql(&server.applied) {
             messages::query(&mut self.to_server, &sql);
             self.pipeline.hidden(Reply::Query, Undo::None);
-            server.tx_status = b'?';
+            server.tx_status = TxStatus::Busy;
         }
         server.applied = self.params.clone();
     }
@@ -357,7 +358,10 @@ impl Session {
             return;
         }
         let Some(server) = &self.server else { return };
-        if server.tx_status != b'I' || !self.pipeline.is_idle() || !self.to_server.is_empty() {
+        if server.tx_status != TxStatus::Idle
+            || !self.pipeline.is_idle()
+            || !self.to_server.is_empty()
+        {
             return;
         }
         self.cancel.slot.set(None);
@@ -416,7 +420,7 @@ impl Session {
                 }
             } else {
                 self.to_server.extend_from_slice(frame);
-                server.tx_status = b'?';
+                server.tx_status = TxStatus::Busy;
             }
             pos += h.len;
             if matches!(h.tag, frontend::QUERY | frontend::EXECUTE) {
@@ -446,7 +450,7 @@ impl Session {
         while let Some(h) = FrameHeader::complete(&rbuf[pos..])? {
             let frame = &rbuf[pos..pos + h.len];
             match h.tag {
-                backend::READY_FOR_QUERY => *tx_status = frame.get(5).copied().unwrap_or(b'?'),
+                backend::READY_FOR_QUERY => *tx_status = TxStatus::from_byte(frame.get(5).copied()),
                 backend::PARAMETER_STATUS => reports.push((pos, h.len)),
                 _ => {}
             }
@@ -469,7 +473,10 @@ impl Session {
                     self.server_said_fatal |= fields.is_fatal();
                 }
             }
-            if h.tag == backend::READY_FOR_QUERY && route == Route::Forward && *tx_status == b'I' {
+            if h.tag == backend::READY_FOR_QUERY
+                && route == Route::Forward
+                && *tx_status == TxStatus::Idle
+            {
                 // One transaction done: one atomic add per counter, not per message.
                 let metrics = &self.app.metrics;
                 metrics.transactions.inc();

@@ -13,6 +13,7 @@ use crate::data_plane::DataPlane;
 use crate::protocol::error::sqlstate;
 use crate::protocol::messages::{self, frontend};
 use crate::protocol::PgError;
+use crate::protocol::TxStatus;
 use crate::server::ServerConn;
 use crate::statements::{self, Statement};
 
@@ -95,7 +96,7 @@ impl Translator<'_> {
 
     fn forward(&mut self, frame: &[u8], reply: Option<Reply>) {
         self.to_server.extend_from_slice(frame);
-        self.server.tx_status = b'?';
+        self.server.tx_status = TxStatus::Busy;
         if let Some(reply) = reply {
             self.pipeline.request(reply, Undo::None);
         }
@@ -129,7 +130,7 @@ impl Translator<'_> {
         if !on_server {
             self.evict_for(stmt.id);
             messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
-            self.server.tx_status = b'?';
+            self.server.tx_status = TxStatus::Busy;
             let undo = Undo::Named {
                 name,
                 stmt: stmt.clone(),
@@ -153,7 +154,7 @@ impl Translator<'_> {
             self.pipeline.request(Reply::Parse, undo);
             messages::close_statement(self.to_server, PROBE_NAME);
             self.pipeline.hidden(Reply::Close, Undo::None);
-            self.server.tx_status = b'?';
+            self.server.tx_status = TxStatus::Busy;
         } else {
             self.pipeline
                 .synthetic_undoable(Synthetic::ParseComplete, undo, self.to_client);
@@ -181,7 +182,7 @@ impl Translator<'_> {
         messages::parse_renamed(self.to_server, &stmt.server_name, &stmt.body);
         self.pipeline
             .hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
-        self.server.tx_status = b'?';
+        self.server.tx_status = TxStatus::Busy;
         let gate = stmt.shape_known();
         self.learn_shape(stmt, gate);
         if gate {
@@ -216,7 +217,7 @@ impl Translator<'_> {
         messages::bind_execute_unnamed(self.to_server);
         self.pipeline.errors_shown(Reply::Bind, Undo::None);
         self.pipeline.errors_shown(Reply::Execute, Undo::None);
-        self.server.tx_status = b'?';
+        self.server.tx_status = TxStatus::Busy;
         self.pipeline.start_skip();
     }
 
@@ -239,7 +240,7 @@ impl Translator<'_> {
             return Step::Done;
         }
         write(self.to_server, &stmt.server_name);
-        self.server.tx_status = b'?';
+        self.server.tx_status = TxStatus::Busy;
         self.pipeline.request(reply, Undo::Uses(stmt));
         Step::Done
     }
@@ -298,7 +299,8 @@ impl Translator<'_> {
     fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Step, PgError> {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
         // In a failed transaction the server answers (25P02) and nothing changes.
-        let command = statement_command(sql).filter(|_| self.pipeline.client_status() != b'E');
+        let command =
+            statement_command(sql).filter(|_| self.pipeline.client_status() != TxStatus::Failed);
         let reset = match command {
             Some(Command::DeallocateAll) => {
                 self.pipeline
@@ -313,7 +315,7 @@ impl Translator<'_> {
                 Step::Done
             }
             Some(Command::DiscardAll)
-                if self.pipeline.client_status() == b'I' && self.pipeline.is_idle() =>
+                if self.pipeline.client_status() == TxStatus::Idle && self.pipeline.is_idle() =>
             {
                 self.pipeline
                     .synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
