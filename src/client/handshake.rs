@@ -15,7 +15,7 @@ use crate::config::ClientTlsMode;
 use crate::data_plane::DataPlane;
 use crate::pool::{Pool, PoolKey};
 use crate::protocol::error::sqlstate;
-use crate::protocol::framing::{GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE};
+use crate::protocol::framing::{peek_encryption_request, EncryptionRequest, PROTOCOL_3_0};
 use crate::protocol::messages;
 use crate::protocol::{PgError, StartupPacket};
 use crate::session_params::{ParamSet, Reported};
@@ -123,26 +123,18 @@ async fn open(tls: &ClientTls, mut conn: ClientConn) -> Result<ClientConn, OpenF
     }
     let mut gss_answered = false;
     loop {
-        if let Err(e) = conn.fill_to(4).await {
-            return Err((Some(conn), e));
-        }
-        let len = (&conn.buf[..4]).get_i32();
-        if len != 8 {
-            // Not a request of ours: the startup packet (or garbage) is read,
-            // and judged, by `login`.
-            return Ok(conn);
-        }
-        if let Err(e) = conn.fill_to(8).await {
-            return Err((Some(conn), e));
-        }
-        let code = (&conn.buf[4..8]).get_i32();
-        match code {
-            SSL_REQUEST_CODE if len == 8 => {
+        match peek_encryption_request(&conn.buf) {
+            EncryptionRequest::Incomplete => {
+                if let Err(e) = conn.fill_to(conn.buf.len() + 1).await {
+                    return Err((Some(conn), e));
+                }
+            }
+            EncryptionRequest::Ssl => {
                 conn.buf.advance(8);
                 let Some(acceptor) = &tls.acceptor else {
                     // No TLS configured: 'N' tells the client to go on in
                     // plaintext (or give up, if it requires TLS).
-                    if let Err(e) = conn.send(b"N").await {
+                    if let Err(e) = conn.send(messages::ENCRYPTION_REFUSED).await {
                         return Err((Some(conn), e));
                     }
                     return Ok(conn);
@@ -153,19 +145,21 @@ async fn open(tls: &ClientTls, mut conn: ClientConn) -> Result<ClientConn, OpenF
                     let e = PgError::protocol("received unencrypted data after SSL request");
                     return Err((Some(conn), e.into()));
                 }
-                if let Err(e) = conn.send(b"S").await {
+                if let Err(e) = conn.send(messages::ENCRYPTION_ACCEPTED).await {
                     return Err((Some(conn), e));
                 }
                 return start_tls(acceptor, conn).await.map_err(|e| (None, e));
             }
-            GSSENC_REQUEST_CODE if len == 8 && !gss_answered => {
+            EncryptionRequest::GssEnc if !gss_answered => {
                 conn.buf.advance(8);
                 gss_answered = true;
-                if let Err(e) = conn.send(b"N").await {
+                if let Err(e) = conn.send(messages::ENCRYPTION_REFUSED).await {
                     return Err((Some(conn), e));
                 }
             }
-            _ => return Ok(conn),
+            // The startup packet (or garbage, or a second GSSENCRequest) is
+            // read, and judged, by `login`.
+            EncryptionRequest::GssEnc | EncryptionRequest::None => return Ok(conn),
         }
     }
 }

@@ -70,6 +70,39 @@ pub enum StartupPacket {
     },
 }
 
+/// What the first 8 bytes of a connection (or of what follows an answered
+/// request) ask for, before any startup packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptionRequest {
+    /// Fewer than 8 bytes are buffered.
+    Incomplete,
+    Ssl,
+    GssEnc,
+    /// Not an encryption request: a startup or cancel packet (or garbage),
+    /// read and judged by [`take_startup`].
+    None,
+}
+
+/// Looks at the front of `buf` for SSLRequest or GSSENCRequest, without
+/// consuming it (an answered request is 8 bytes to advance past).
+pub fn peek_encryption_request(buf: &[u8]) -> EncryptionRequest {
+    let Some(head) = buf.get(..8) else {
+        // A length other than 8 already says it is no request.
+        return match buf.get(..4) {
+            Some(len) if len != 8i32.to_be_bytes() => EncryptionRequest::None,
+            _ => EncryptionRequest::Incomplete,
+        };
+    };
+    if head[..4] != 8i32.to_be_bytes() {
+        return EncryptionRequest::None;
+    }
+    match i32::from_be_bytes([head[4], head[5], head[6], head[7]]) {
+        SSL_REQUEST_CODE => EncryptionRequest::Ssl,
+        GSSENC_REQUEST_CODE => EncryptionRequest::GssEnc,
+        _ => EncryptionRequest::None,
+    }
+}
+
 /// Splits a startup packet off the front of `buf`, if complete.
 pub fn take_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, PgError> {
     if buf.len() < 4 {
@@ -146,6 +179,35 @@ pub fn read_cbytes<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], PgError> {
 mod tests {
     use super::*;
     use bytes::BufMut;
+
+    #[test]
+    fn encryption_requests_are_recognized_by_their_first_eight_bytes() {
+        let request = |code: i32| [8i32.to_be_bytes(), code.to_be_bytes()].concat();
+        assert_eq!(
+            peek_encryption_request(&request(SSL_REQUEST_CODE)),
+            EncryptionRequest::Ssl
+        );
+        assert_eq!(
+            peek_encryption_request(&request(GSSENC_REQUEST_CODE)),
+            EncryptionRequest::GssEnc
+        );
+        assert_eq!(
+            peek_encryption_request(&request(PROTOCOL_3_0)),
+            EncryptionRequest::None
+        );
+        assert_eq!(
+            peek_encryption_request(&request(SSL_REQUEST_CODE)[..5]),
+            EncryptionRequest::Incomplete
+        );
+        assert_eq!(
+            peek_encryption_request(&[0, 0, 0, 40, 0]),
+            EncryptionRequest::None
+        );
+        assert_eq!(
+            peek_encryption_request(&[0, 0]),
+            EncryptionRequest::Incomplete
+        );
+    }
 
     fn startup(params: &[(&str, &str)]) -> BytesMut {
         let mut body = BytesMut::new();

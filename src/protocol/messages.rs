@@ -157,6 +157,11 @@ pub fn close_statement(out: &mut BytesMut, name: &[u8]) {
 
 pub const TERMINATE: &[u8] = b"X\0\0\0\x04";
 
+/// The one-byte answers to SSLRequest and GSSENCRequest: go on with TLS, or
+/// go on in plaintext.
+pub const ENCRYPTION_ACCEPTED: &[u8] = b"S";
+pub const ENCRYPTION_REFUSED: &[u8] = b"N";
+
 // ---- field readers ----
 
 /// Splits a message body that starts with a NUL-terminated name.
