@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::pipeline::{Pipeline, Reply, Route, Synthetic, Undo};
-use super::translate::{statement_command, Command, Reset, Step, Translator};
+use super::translate::{answer_statement_command, Reset, Step, Translator};
 use crate::backends::Backend;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::client_conn::{ClientConn, ClientError};
@@ -269,24 +269,15 @@ impl Session {
                 frontend::FLUSH => None,
                 frontend::QUERY => {
                     let sql = body.strip_suffix(b"\0").unwrap_or(body);
-                    match statement_command(sql) {
-                        Some(Command::DeallocateAll) => {
-                            self.statements.clear();
-                            Some(Synthetic::Command("DEALLOCATE ALL"))
-                        }
-                        Some(Command::Deallocate(name))
-                            if self.statements.remove(name.as_bytes()).is_some() =>
-                        {
-                            Some(Synthetic::Command("DEALLOCATE"))
-                        }
-                        Some(Command::DiscardAll) => {
-                            self.statements.clear();
-                            self.params = self.startup_params.clone();
-                            self.scope = statement_scope(&self.params);
-                            Some(Synthetic::Command("DISCARD ALL"))
-                        }
-                        _ => break,
+                    let Some((tag, reset)) =
+                        answer_statement_command(sql, &mut self.statements, true)
+                    else {
+                        break;
+                    };
+                    if let Some(reset) = reset {
+                        self.statement_state().reset(reset);
                     }
+                    Some(Synthetic::Command(tag))
                 }
                 _ => break,
             };
@@ -297,6 +288,15 @@ impl Session {
         }
         self.cbuf.advance(pos);
         Ok(())
+    }
+
+    fn statement_state(&mut self) -> StatementState<'_> {
+        StatementState {
+            statements: &mut self.statements,
+            params: &mut self.params,
+            startup_params: &self.startup_params,
+            scope: &mut self.scope,
+        }
     }
 
     /// Takes a server connection for the next transaction: passes the gate,
@@ -405,13 +405,13 @@ impl Session {
                 };
                 match tx.translate(h.tag, frame)? {
                     Step::Done => {}
-                    Step::Reset(reset) => {
-                        self.statements.clear();
-                        if reset == Reset::DiscardAll {
-                            self.params = self.startup_params.clone();
-                            self.scope = statement_scope(&self.params);
-                        }
+                    Step::Reset(reset) => StatementState {
+                        statements: &mut self.statements,
+                        params: &mut self.params,
+                        startup_params: &self.startup_params,
+                        scope: &mut self.scope,
                     }
+                    .reset(reset),
                     Step::Wait => {
                         // Taken again once the server has answered.
                         self.waiting = true;
@@ -603,6 +603,27 @@ impl Session {
             if buf.is_empty() && buf.capacity() > 0 {
                 *buf = BytesMut::new();
             }
+        }
+    }
+}
+
+/// What DEALLOCATE ALL and DISCARD ALL reset (borrowed apart from the rest
+/// of the session, which may hold the server at the same time).
+struct StatementState<'a> {
+    statements: &'a mut HashMap<Bytes, Arc<Statement>>,
+    params: &'a mut Arc<ParamSet>,
+    startup_params: &'a Arc<ParamSet>,
+    scope: &'a mut Bytes,
+}
+
+impl StatementState<'_> {
+    /// DEALLOCATE ALL forgets the client's statements; DISCARD ALL also
+    /// brings back its startup parameters.
+    fn reset(self, reset: Reset) {
+        self.statements.clear();
+        if reset == Reset::DiscardAll {
+            *self.params = self.startup_params.clone();
+            *self.scope = statement_scope(self.params);
         }
     }
 }

@@ -294,43 +294,52 @@ impl Translator<'_> {
     }
 
     /// Simple queries pass through, except the statement-management commands
-    /// that concern the proxy's names: DEALLOCATE of a protocol-level statement
-    /// and DISCARD ALL between transactions are answered by the proxy.
+    /// that concern the proxy's names (see [`answer_statement_command`]).
     fn query(&mut self, frame: &[u8], body: &[u8]) -> Result<Step, PgError> {
         let sql = body.strip_suffix(b"\0").unwrap_or(body);
+        let status = self.pipeline.client_status();
         // In a failed transaction the server answers (25P02) and nothing changes.
-        let command =
-            statement_command(sql).filter(|_| self.pipeline.client_status() != TxStatus::Failed);
-        let reset = match command {
-            Some(Command::DeallocateAll) => {
+        let answered = (status != TxStatus::Failed)
+            .then(|| {
+                let between = status == TxStatus::Idle && self.pipeline.is_idle();
+                answer_statement_command(sql, self.statements, between)
+            })
+            .flatten();
+        match answered {
+            Some((tag, reset)) => {
                 self.pipeline
-                    .synthetic(Synthetic::Command("DEALLOCATE ALL"), self.to_client);
-                Step::Reset(Reset::DeallocateAll)
+                    .synthetic(Synthetic::Command(tag), self.to_client);
+                Ok(reset.map_or(Step::Done, Step::Reset))
             }
-            Some(Command::Deallocate(name))
-                if self.statements.remove(name.as_bytes()).is_some() =>
-            {
-                self.pipeline
-                    .synthetic(Synthetic::Command("DEALLOCATE"), self.to_client);
-                Step::Done
-            }
-            Some(Command::DiscardAll)
-                if self.pipeline.client_status() == TxStatus::Idle && self.pipeline.is_idle() =>
-            {
-                self.pipeline
-                    .synthetic(Synthetic::Command("DISCARD ALL"), self.to_client);
-                Step::Reset(Reset::DiscardAll)
-            }
-            _ => {
+            None => {
                 self.forward(frame, Some(Reply::Query));
-                Step::Done
+                Ok(Step::Done)
             }
-        };
-        Ok(reset)
+        }
     }
 }
 
-pub(super) enum Command {
+/// DEALLOCATE [ALL] and DISCARD ALL of the proxy's statements, answered by the
+/// proxy: the CommandComplete tag and what the session must reset. None: the
+/// server answers. DISCARD ALL only `between_transactions`.
+pub(super) fn answer_statement_command(
+    sql: &[u8],
+    statements: &mut HashMap<Bytes, Arc<Statement>>,
+    between_transactions: bool,
+) -> Option<(&'static str, Option<Reset>)> {
+    match statement_command(sql)? {
+        Command::DeallocateAll => Some(("DEALLOCATE ALL", Some(Reset::DeallocateAll))),
+        Command::Deallocate(name) if statements.remove(name.as_bytes()).is_some() => {
+            Some(("DEALLOCATE", None))
+        }
+        Command::DiscardAll if between_transactions => {
+            Some(("DISCARD ALL", Some(Reset::DiscardAll)))
+        }
+        _ => None,
+    }
+}
+
+enum Command {
     Deallocate(String),
     DeallocateAll,
     DiscardAll,
@@ -338,7 +347,7 @@ pub(super) enum Command {
 
 /// Recognizes `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (alone, with an
 /// optional semicolon). A cheap prefix test keeps this off every other query.
-pub(super) fn statement_command(sql: &[u8]) -> Option<Command> {
+fn statement_command(sql: &[u8]) -> Option<Command> {
     let first = sql.iter().find(|b| !b.is_ascii_whitespace())?;
     if !matches!(first, b'd' | b'D') {
         return None;
