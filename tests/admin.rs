@@ -10,25 +10,11 @@ use support::*;
 const TOKEN: &str = "s3cret-admin-token";
 
 fn start(pg: &PgServer, admin_extra: &str) -> Proxy {
-    let port = free_port();
-    let admin_port = free_port();
-    Proxy::start(&format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:{port}"
-default_pool_size = 2
-[backends.blue]
-host = "127.0.0.1"
-port = {pg_port}
-[[users]]
-name = "app"
-password = "secret"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-{admin_extra}
-"#,
-        pg_port = pg.port
-    ))
+    ProxyConfig::new(pg.port)
+        .pool_size(2)
+        .app_user()
+        .admin(free_port(), admin_extra)
+        .start()
 }
 
 async fn client(proxy: &Proxy) -> tokio_postgres::Client {
@@ -55,8 +41,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_open_and_everything_else_needs_the_token() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user("app", "secret");
+    let pg = pg_with_app(PgOptions::default(), None);
     let proxy = start(&pg, &format!("token = \"{TOKEN}\""));
     assert_eq!(
         admin_http(proxy.admin_port, "GET", "/health", None, "")
@@ -96,8 +81,7 @@ async fn health_is_open_and_everything_else_needs_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_transactions_errors_and_connections() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user("app", "secret");
+    let pg = pg_with_app(PgOptions::default(), None);
     let proxy = start(&pg, "");
     let before = admin_http(proxy.admin_port, "GET", "/metrics", None, "")
         .await
@@ -138,8 +122,7 @@ async fn metrics_count_transactions_errors_and_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_transactions_until_resume() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user("app", "secret");
+    let pg = pg_with_app(PgOptions::default(), None);
     let proxy = start(&pg, "");
     let c = client(&proxy).await;
     c.simple_query("select 1").await.unwrap();
@@ -218,8 +201,7 @@ fn cli(proxy: &Proxy, args: &[&str], token: Option<&str>) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_status_pause_resume_and_a_readable_report() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user("app", "secret");
+    let pg = pg_with_app(PgOptions::default(), None);
     let proxy = start(&pg, &format!("token = \"{TOKEN}\""));
 
     let (ok, out) = cli(&proxy, &["status", "--json"], Some(TOKEN));

@@ -13,25 +13,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use pgswitch::scram::ScramSecret;
 use support::*;
-use tokio_postgres::NoTls;
 
-fn proxy_head(blue: u16, extra_proxy: &str) -> String {
-    format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nquery_wait_timeout = \"5s\"\n{extra_proxy}\n\
-         [backends.blue]\nhost = \"127.0.0.1\"\nport = {blue}\n",
-        port = free_port(),
-    )
-}
-
-fn client_config(proxy: &Proxy, user: &str, password: &str) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(proxy.port)
-        .user(user)
-        .password(password)
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(10));
-    c
+/// The proxy in front of blue on `blue`; `extra_proxy` goes into `[proxy]`.
+fn proxy_cfg(blue: u16, extra_proxy: &str) -> ProxyConfig {
+    ProxyConfig::new(blue)
+        .set("query_wait_timeout", "5s")
+        .extra_proxy(extra_proxy)
 }
 
 async fn try_connect(
@@ -39,11 +26,7 @@ async fn try_connect(
     user: &str,
     password: &str,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = client_config(proxy, user, password).connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    connect_with(&client_config(proxy.port, user, Some(password), "postgres")).await
 }
 
 async fn current_user(proxy: &Proxy, user: &str, password: &str) -> String {
@@ -146,12 +129,10 @@ fn password_env_and_password_file() {
         let secrets_dir = tempfile::tempdir().unwrap();
         let file = secrets_dir.path().join("filer.pw");
         std::fs::write(&file, "file-Pw-42\n").unwrap();
-        let toml = format!(
-            "{}\n[[users]]\nname = \"app\"\npassword_env = \"PGSWITCH_TEST_APP_PASSWORD\"\n\
-             \n[[users]]\nname = \"filer\"\npassword_file = \"{}\"\n",
-            proxy_head(pg.port, ""),
-            file.display()
-        );
+        let toml = proxy_cfg(pg.port, "")
+            .user_keys("app", &[("password_env", "PGSWITCH_TEST_APP_PASSWORD")])
+            .user_keys("filer", &[("password_file", &file.display().to_string())])
+            .toml();
         let proxy = Proxy::start(&toml);
         assert_eq!(current_user(&proxy, "app", "env-Pw-41").await, "app");
         assert_eq!(current_user(&proxy, "filer", "file-Pw-42").await, "filer");
@@ -170,10 +151,9 @@ async fn scram_secret_from_pg_authid_with_pass_through() {
     pg.create_user("app", "pass-thru-Pw");
     let secret = rolpassword(&pg, "app");
     assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
-    let toml = format!(
-        "{}\n[[users]]\nname = \"app\"\nscram_secret = \"{secret}\"\npool_size = 2\n",
-        proxy_head(pg.port, "server_lifetime = \"1s\"")
-    );
+    let toml = proxy_cfg(pg.port, "server_lifetime = \"1s\"")
+        .user_keys("app", &[("scram_secret", &secret), ("pool_size", "2")])
+        .toml();
     assert!(!toml.contains("pass-thru-Pw"));
     let proxy = Proxy::start(&toml);
 
@@ -216,10 +196,9 @@ async fn scram_secret_not_on_server_needs_server_password() {
     let pg = PgServer::start(PgOptions::default());
     pg.create_user("app", "server-side-pw");
     let ours = ScramSecret::from_password("client-side-pw").to_string();
-    let toml = format!(
-        "{}\n[[users]]\nname = \"app\"\nscram_secret = \"{ours}\"\n",
-        proxy_head(pg.port, "")
-    );
+    let toml = proxy_cfg(pg.port, "")
+        .user_keys("app", &[("scram_secret", &ours)])
+        .toml();
     let mut proxy = Proxy::start(&toml);
     let e = try_connect(&proxy, "app", "client-side-pw")
         .await
@@ -245,13 +224,12 @@ async fn auth_query_with_pass_through_and_cache_ttl() {
     pg.create_user("dyn", "dyn-Pw-1");
     pg.create_user("md5user", "whatever");
     pg.psql("SET password_encryption = 'md5'; ALTER ROLE md5user PASSWORD 'md5-Pw'");
-    let toml = format!(
-        "{}\n[[users]]\nname = \"listed\"\npassword = \"listed-Pw\"\n",
-        proxy_head(
-            pg.port,
-            "auth_user = \"pgswitch_auth\"\nauth_password = \"auth-Pw-9\"\nauth_cache_ttl = \"2s\"\n"
-        )
-    );
+    let toml = proxy_cfg(
+        pg.port,
+        "auth_user = \"pgswitch_auth\"\nauth_password = \"auth-Pw-9\"\nauth_cache_ttl = \"2s\"\n",
+    )
+    .user("listed", "listed-Pw")
+    .toml();
     let proxy = Proxy::start(&toml);
 
     assert_eq!(current_user(&proxy, "dyn", "dyn-Pw-1").await, "dyn");
@@ -296,11 +274,16 @@ async fn auth_query_with_pass_through_and_cache_ttl() {
 async fn server_user_and_server_password_mapping() {
     let pg = PgServer::start(PgOptions::default());
     pg.create_user("app", "app-server-Pw");
-    let toml = format!(
-        "{}\n[[users]]\nname = \"appclient\"\npassword = \"client-Pw\"\n\
-         server_user = \"app\"\nserver_password = \"app-server-Pw\"\n",
-        proxy_head(pg.port, "")
-    );
+    let toml = proxy_cfg(pg.port, "")
+        .user_keys(
+            "appclient",
+            &[
+                ("password", "client-Pw"),
+                ("server_user", "app"),
+                ("server_password", "app-server-Pw"),
+            ],
+        )
+        .toml();
     let proxy = Proxy::start(&toml);
     assert_eq!(current_user(&proxy, "appclient", "client-Pw").await, "app");
     assert_eq!(
@@ -387,15 +370,20 @@ fn no_secrets_in_logs_at_debug_level() {
         ));
         let app_secret = rolpassword(&pg, "app");
         let dyn_secret = rolpassword(&pg, "dyn");
-        let toml = format!(
-            "{}\n[[users]]\nname = \"app\"\nscram_secret = \"{app_secret}\"\n\
-             \n[[users]]\nname = \"appclient\"\npassword = \"{CLIENT_PW}\"\n\
-             server_user = \"mapped\"\nserver_password_env = \"PGSWITCH_TEST_SERVER_PW\"\n",
-            proxy_head(
-                pg.port,
-                &format!("auth_user = \"pgswitch_auth\"\nauth_password = \"{AUTH_PW}\"\n")
-            )
-        );
+        let toml = proxy_cfg(
+            pg.port,
+            &format!("auth_user = \"pgswitch_auth\"\nauth_password = \"{AUTH_PW}\"\n"),
+        )
+        .user_keys("app", &[("scram_secret", &app_secret)])
+        .user_keys(
+            "appclient",
+            &[
+                ("password", CLIENT_PW),
+                ("server_user", "mapped"),
+                ("server_password_env", "PGSWITCH_TEST_SERVER_PW"),
+            ],
+        )
+        .toml();
         let proxy = Proxy::start(&toml);
         assert_eq!(current_user(&proxy, "app", APP_PW).await, "app");
         assert_eq!(current_user(&proxy, "dyn", DYN_PW).await, "dyn");

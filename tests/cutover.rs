@@ -204,50 +204,24 @@ async fn missing(c: &Client, wanted: &[i64]) -> Vec<i64> {
 
 // ------------------------------------------------------------------- proxy
 
+/// Blue and green with admin credentials, in front of the pair; `users_extra`
+/// (raw `[[users]]` entries) is appended after the user app/app.
 fn proxy_config(pair: &Pair, cutover_extra: &str, users_extra: &str) -> String {
-    let port = free_port();
-    let admin_port = free_port();
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:{port}"
-pool_mode = "transaction"
-default_pool_size = 12
-query_wait_timeout = "30s"
-
-[backends.blue]
-host = "127.0.0.1"
-port = {blue}
-server_tls = "disable"
-admin_user = "{SUPERUSER}"
-admin_password = "{SUPERUSER_PASSWORD}"
-
-[backends.green]
-host = "127.0.0.1"
-port = {green}
-server_tls = "disable"
-admin_user = "{SUPERUSER}"
-admin_password = "{SUPERUSER_PASSWORD}"
-
-[replication]
-database = "app"
-
-[cutover]
-active = "blue"
-{cutover_extra}
-
-[[users]]
-name = "app"
-password = "app"
-{users_extra}
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-token = "{TOKEN}"
-"#,
-        blue = pair.blue.port,
-        green = pair.green.port,
-    )
+    let with_admin = |cfg: ProxyConfig| {
+        cfg.backend_set("server_tls", "disable")
+            .backend_set("admin_user", SUPERUSER)
+            .backend_set("admin_password", SUPERUSER_PASSWORD)
+    };
+    let cfg = ProxyConfig::new(pair.blue.port)
+        .pool_mode("transaction")
+        .pool_size(12)
+        .set("query_wait_timeout", "30s");
+    let cfg = with_admin(with_admin(cfg).backend("green", pair.green.port))
+        .table("[replication]\ndatabase = \"app\"")
+        .table(&format!("[cutover]\nactive = \"blue\"\n{cutover_extra}"))
+        .admin(free_port(), &format!("token = \"{TOKEN}\""))
+        .user("app", "app");
+    format!("{}{users_extra}", cfg.toml())
 }
 
 const SESSION_USER: &str = r#"
@@ -755,31 +729,15 @@ async fn admin_calls_without_the_token_get_401() {
     let pg = PgServer::start(PgOptions::default());
     pg.create_user("app", "app");
     pg.create_db("app", None);
-    let port = free_port();
-    let admin_port = free_port();
-    let proxy = Proxy::start(&format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:{port}"
-[backends.blue]
-host = "127.0.0.1"
-port = {pg}
-admin_user = "postgres"
-admin_password = "postgres"
-[backends.green]
-host = "127.0.0.1"
-port = {pg}
-admin_user = "postgres"
-admin_password = "postgres"
-[[users]]
-name = "app"
-password = "app"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-token = "{TOKEN}"
-"#,
-        pg = pg.port
-    ));
+    let proxy = ProxyConfig::new(pg.port)
+        .backend_set("admin_user", "postgres")
+        .backend_set("admin_password", "postgres")
+        .backend("green", pg.port)
+        .backend_set("admin_user", "postgres")
+        .backend_set("admin_password", "postgres")
+        .admin(free_port(), &format!("token = \"{TOKEN}\""))
+        .user("app", "app")
+        .start();
     assert_eq!(
         admin_http(proxy.admin_port, "GET", "/health", None, "")
             .await
@@ -832,14 +790,12 @@ async fn dry_run_keeps_traffic_on_blue() {
     assert_eq!(status(&proxy).await["active"], "blue");
     // /status reports the lag of the replication a cutover would wait for
     // (refreshed once a second, so wait for the first reading).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let lag = loop {
+    let lag = wait_for(Duration::from_secs(10), || async {
         let lag = status(&proxy).await["replication_lag"].clone();
-        if !lag.is_null() || Instant::now() > deadline {
-            break lag;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        (!lag.is_null()).then_some(lag)
+    })
+    .await
+    .unwrap_or(serde_json::Value::Null);
     assert!(lag["bytes"].as_u64().is_some(), "{lag}");
     assert_eq!(lag["streaming"], true, "{lag}");
     let metrics = admin_http(proxy.admin_port, "GET", "/metrics", Some(TOKEN), "")

@@ -133,8 +133,7 @@ fn run_driver(driver: &Driver, mode: &str, missing: Option<String>) -> Result<()
         )
         .into());
     }
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user("app", "secret");
+    let pg = pg_with_app(PgOptions::default(), None);
     pg.psql("ALTER ROLE app SUPERUSER");
     let proxy = Proxy::start(&proxy_config(pg.port, mode));
     let dir = drivers_dir().join(driver.dir);
@@ -257,24 +256,12 @@ fn selected_scenarios() -> Vec<String> {
 }
 
 fn proxy_config(pg_port: u16, mode: &str) -> String {
-    let port = free_port();
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:{port}"
-pool_mode = "{mode}"
-default_pool_size = {POOL_SIZE}
-query_wait_timeout = "60s"
-
-[backends.blue]
-host = "127.0.0.1"
-port = {pg_port}
-
-[[users]]
-name = "app"
-password = "secret"
-"#
-    )
+    ProxyConfig::new(pg_port)
+        .pool_mode(mode)
+        .pool_size(POOL_SIZE)
+        .set("query_wait_timeout", "60s")
+        .app_user()
+        .toml()
 }
 
 fn render(out: &std::process::Output) -> String {

@@ -15,10 +15,7 @@ use std::process::Stdio;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
@@ -41,37 +38,26 @@ async fn t<F: Future>(what: &str, f: F) -> F::Output {
 
 /// A PostgreSQL server with role `app` (superuser, password `secret`).
 fn start_pg(auth: HbaAuth) -> PgServer {
-    let pg = PgServer::start(PgOptions {
-        auth,
-        ..Default::default()
-    });
-    pg.create_user("app", "secret");
+    let pg = pg_with_app(
+        PgOptions {
+            auth,
+            ..Default::default()
+        },
+        None,
+    );
     pg.psql("ALTER ROLE app SUPERUSER");
     pg
 }
 
 /// Starts the proxy in front of `pg`. `extra` goes into `[proxy]`.
 fn start_proxy(pg: &PgServer, pool_mode: &str, pool_size: usize, extra: &str) -> Proxy {
-    let port = free_port();
-    Proxy::start(&format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:{port}"
-pool_mode = "{pool_mode}"
-default_pool_size = {pool_size}
-query_wait_timeout = "20s"
-{extra}
-
-[backends.blue]
-host = "127.0.0.1"
-port = {pg_port}
-
-[[users]]
-name = "app"
-password = "secret"
-"#,
-        pg_port = pg.port
-    ))
+    ProxyConfig::new(pg.port)
+        .pool_mode(pool_mode)
+        .pool_size(pool_size)
+        .set("query_wait_timeout", "20s")
+        .extra_proxy(extra)
+        .app_user()
+        .start()
 }
 
 const TRUST: &str = r#"auth_method = "trust""#;
@@ -83,14 +69,7 @@ fn proxy_config(proxy: &Proxy) -> tokio_postgres::Config {
 
 /// tokio-postgres config for user `app` on 127.0.0.1:`port`.
 fn config_for(port: u16) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(port)
-        .user("app")
-        .password("secret")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(10));
-    c
+    client_config(port, APP_USER, Some(APP_PASSWORD), "postgres")
 }
 
 async fn connect(cfg: &tokio_postgres::Config) -> Client {
@@ -179,300 +158,21 @@ async fn one_string(client: &Client, sql: &str) -> String {
 // Raw protocol client
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-struct Msg {
-    tag: u8,
-    body: Bytes,
-}
-
-fn cstrs(body: &[u8]) -> Vec<String> {
-    body.split(|b| *b == 0)
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
-}
-
-impl Msg {
-    /// An ErrorResponse/NoticeResponse field.
-    fn field(&self, code: u8) -> Option<String> {
-        let mut b = &self.body[..];
-        while let Some((&c, rest)) = b.split_first() {
-            if c == 0 {
-                break;
-            }
-            let end = rest.iter().position(|x| *x == 0)?;
-            if c == code {
-                return Some(String::from_utf8_lossy(&rest[..end]).into_owned());
-            }
-            b = &rest[end + 1..];
-        }
-        None
-    }
-
-    fn data_row(&self) -> Vec<Option<String>> {
-        let mut b = &self.body[..];
-        let n = b.get_i16();
-        (0..n)
-            .map(|_| {
-                let len = b.get_i32();
-                if len < 0 {
-                    None
-                } else {
-                    let v = String::from_utf8_lossy(&b[..len as usize]).into_owned();
-                    b.advance(len as usize);
-                    Some(v)
-                }
-            })
-            .collect()
-    }
-
-    /// A comparable one-line description (equal lines = equal messages, as far
-    /// as a client can tell; BackendKeyData and ParameterStatus are not shown).
-    fn line(&self) -> String {
-        let b = &self.body[..];
-        match self.tag {
-            b'1' => "ParseComplete".into(),
-            b'2' => "BindComplete".into(),
-            b'3' => "CloseComplete".into(),
-            b'n' => "NoData".into(),
-            b'I' => "EmptyQueryResponse".into(),
-            b's' => "PortalSuspended".into(),
-            b'c' => "CopyDone".into(),
-            b'Z' => format!("ReadyForQuery {}", b[0] as char),
-            b'C' => format!("CommandComplete {}", cstrs(b)[0]),
-            b'E' | b'N' => format!(
-                "{} {} {}",
-                if self.tag == b'E' {
-                    "ErrorResponse"
-                } else {
-                    "NoticeResponse"
-                },
-                self.field(b'C').unwrap_or_default(),
-                self.field(b'M').unwrap_or_default()
-            ),
-            b'D' => format!("DataRow {:?}", self.data_row()),
-            b'T' => {
-                let mut b = b;
-                let n = b.get_i16();
-                let mut cols = Vec::new();
-                for _ in 0..n {
-                    let end = b.iter().position(|x| *x == 0).unwrap();
-                    let name = String::from_utf8_lossy(&b[..end]).into_owned();
-                    b.advance(end + 1);
-                    let _table = b.get_u32();
-                    let _attnum = b.get_i16();
-                    let type_oid = b.get_u32();
-                    b.advance(2 + 4 + 2);
-                    cols.push(format!("{name}:{type_oid}"));
-                }
-                format!("RowDescription {cols:?}")
-            }
-            b't' => {
-                let mut b = b;
-                let n = b.get_i16();
-                let types: Vec<u32> = (0..n).map(|_| b.get_u32()).collect();
-                format!("ParameterDescription {types:?}")
-            }
-            b'd' => format!("CopyData {}", String::from_utf8_lossy(b)),
-            b'G' | b'H' => format!(
-                "Copy{}Response",
-                if self.tag == b'G' { "In" } else { "Out" }
-            ),
-            b'A' => {
-                let s = cstrs(&b[4..]);
-                format!("Notification {} {}", s[0], s[1])
-            }
-            b'S' => {
-                let s = cstrs(b);
-                format!("ParameterStatus {}={}", s[0], s[1])
-            }
-            b'K' => "BackendKeyData".into(),
-            0 => "<connection closed>".into(),
-            other => format!("{} ({} bytes)", other as char, b.len()),
-        }
-    }
-}
-
-struct Raw {
-    stream: TcpStream,
-    rbuf: BytesMut,
-    out: BytesMut,
-}
-
-fn put_cstr(out: &mut BytesMut, s: &str) {
-    out.put_slice(s.as_bytes());
-    out.put_u8(0);
-}
-
-fn put_msg(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    out.put_u8(tag);
-    let at = out.len();
-    out.put_i32(0);
-    body(out);
-    let len = (out.len() - at) as i32;
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-impl Raw {
-    /// Connects as `app` to database `postgres` with trust authentication and
-    /// returns the messages after the startup packet, up to ReadyForQuery.
-    async fn connect(port: u16, params: &[(&str, &str)]) -> (Raw, Vec<Msg>) {
-        let stream = t("raw connect", TcpStream::connect(("127.0.0.1", port)))
-            .await
-            .unwrap_or_else(|e| panic!("raw connect to {port}: {e}"));
-        stream.set_nodelay(true).unwrap();
-        let mut raw = Raw {
-            stream,
-            rbuf: BytesMut::new(),
-            out: BytesMut::new(),
-        };
-        let mut body = BytesMut::new();
-        body.put_i32(196608);
-        for (k, v) in [("user", "app"), ("database", "postgres")]
-            .iter()
-            .chain(params.iter())
-        {
-            put_cstr(&mut body, k);
-            put_cstr(&mut body, v);
-        }
-        body.put_u8(0);
-        raw.out.put_i32(body.len() as i32 + 4);
-        raw.out.put_slice(&body);
-        let msgs = raw.until_ready().await;
-        let first = &msgs[0];
-        assert!(
-            first.tag == b'R' && first.body[..4] == [0, 0, 0, 0],
-            "expected AuthenticationOk (trust), got {:?}",
-            msgs.iter().map(Msg::line).collect::<Vec<_>>()
-        );
-        (raw, msgs)
-    }
-
-    fn parse(&mut self, name: &str, sql: &str) -> &mut Self {
-        put_msg(&mut self.out, b'P', |o| {
-            put_cstr(o, name);
-            put_cstr(o, sql);
-            o.put_i16(0);
-        });
-        self
-    }
-
-    fn bind(&mut self, portal: &str, stmt: &str, params: &[&str]) -> &mut Self {
-        put_msg(&mut self.out, b'B', |o| {
-            put_cstr(o, portal);
-            put_cstr(o, stmt);
-            o.put_i16(0);
-            o.put_i16(params.len() as i16);
-            for p in params {
-                o.put_i32(p.len() as i32);
-                o.put_slice(p.as_bytes());
-            }
-            o.put_i16(0);
-        });
-        self
-    }
-
-    fn execute(&mut self, portal: &str) -> &mut Self {
-        put_msg(&mut self.out, b'E', |o| {
-            put_cstr(o, portal);
-            o.put_i32(0);
-        });
-        self
-    }
-
-    fn describe(&mut self, kind: u8, name: &str) -> &mut Self {
-        put_msg(&mut self.out, b'D', |o| {
-            o.put_u8(kind);
-            put_cstr(o, name);
-        });
-        self
-    }
-
-    fn close(&mut self, kind: u8, name: &str) -> &mut Self {
-        put_msg(&mut self.out, b'C', |o| {
-            o.put_u8(kind);
-            put_cstr(o, name);
-        });
-        self
-    }
-
-    fn sync(&mut self) -> &mut Self {
-        put_msg(&mut self.out, b'S', |_| {});
-        self
-    }
-
-    fn query(&mut self, sql: &str) -> &mut Self {
-        put_msg(&mut self.out, b'Q', |o| put_cstr(o, sql));
-        self
-    }
-
-    fn copy_data(&mut self, data: &[u8]) -> &mut Self {
-        put_msg(&mut self.out, b'd', |o| o.put_slice(data));
-        self
-    }
-
-    fn copy_done(&mut self) -> &mut Self {
-        put_msg(&mut self.out, b'c', |_| {});
-        self
-    }
-
-    async fn flush(&mut self) {
-        let out = self.out.split();
-        t("raw write", self.stream.write_all(&out))
-            .await
-            .expect("raw write");
-    }
-
-    async fn recv(&mut self) -> Msg {
-        loop {
-            if self.rbuf.len() >= 5 {
-                let len = i32::from_be_bytes(self.rbuf[1..5].try_into().unwrap()) as usize;
-                if self.rbuf.len() > len {
-                    let mut frame = self.rbuf.split_to(len + 1);
-                    let tag = frame[0];
-                    frame.advance(5);
-                    return Msg {
-                        tag,
-                        body: frame.freeze(),
-                    };
-                }
-            }
-            let n = t("raw read", self.stream.read_buf(&mut self.rbuf))
-                .await
-                .unwrap_or(0);
-            if n == 0 {
-                // Shown in transcripts; ends `until_ready`.
-                return Msg {
-                    tag: 0,
-                    body: Bytes::new(),
-                };
-            }
-        }
-    }
-
-    /// Sends what is queued, then reads up to and including ReadyForQuery.
-    async fn until_ready(&mut self) -> Vec<Msg> {
-        self.flush().await;
-        let mut msgs = Vec::new();
-        loop {
-            let m = self.recv().await;
-            let done = m.tag == b'Z' || m.tag == 0;
-            msgs.push(m);
-            if done {
-                return msgs;
-            }
-        }
-    }
-
-    /// [`until_ready`](Self::until_ready) as transcript lines, without
-    /// ParameterStatus messages.
-    async fn run(&mut self) -> Vec<String> {
-        self.until_ready()
-            .await
-            .iter()
-            .filter(|m| m.tag != b'S')
-            .map(Msg::line)
-            .collect()
-    }
+/// A raw client ([`Raw`]) logged in as `app` to database `postgres` with
+/// trust authentication; returns the messages after the startup packet, up
+/// to ReadyForQuery.
+async fn raw_connect(port: u16, params: &[(&str, &str)]) -> (Raw, Vec<Msg>) {
+    let mut raw = Raw::connect_with_timeout(port, STEP).await;
+    let mut startup = vec![("user", APP_USER), ("database", "postgres")];
+    startup.extend_from_slice(params);
+    let msgs = raw.startup(&startup).until_ready().await;
+    let first = &msgs[0];
+    assert!(
+        first.tag == b'R' && first.body[..4] == [0, 0, 0, 0],
+        "expected AuthenticationOk (trust), got {:?}",
+        msgs.iter().map(Msg::line).collect::<Vec<_>>()
+    );
+    (raw, msgs)
 }
 
 /// Every one of `wanted` starts some line of the transcript.
@@ -589,7 +289,7 @@ async fn pipeline_200_concurrent_queries_on_one_client() {
 }
 
 async fn raw_pipeline_scenario(port: u16) -> Vec<String> {
-    let (mut raw, _) = Raw::connect(port, &[]).await;
+    let (mut raw, _) = raw_connect(port, &[]).await;
     for i in 0..50 {
         raw.parse("", &format!("select {i} as n"))
             .bind("", "", &[])
@@ -689,7 +389,7 @@ async fn copy_from_stdin_and_to_stdout_10000_rows() {
 
     // COPY TO STDOUT, raw protocol (tokio-postgres' CopyOutStream needs the
     // futures Stream trait, which is not a dependency of this crate).
-    let (mut raw, _) = Raw::connect(proxy.port, &[]).await;
+    let (mut raw, _) = raw_connect(proxy.port, &[]).await;
     let msgs = t(
         "COPY TO STDOUT",
         raw.query("COPY copy_t (id, v) TO STDOUT").until_ready(),
@@ -743,8 +443,8 @@ async fn copy_from_stdin_and_to_stdout_10000_rows() {
 /// server ignores a Sync received in copy-in mode, so the two Syncs get one
 /// ReadyForQuery.
 async fn extended_copy_in_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
-    let (mut b, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
+    let (mut b, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let mut step = |name: &str, lines: Vec<String>| {
         out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
@@ -936,7 +636,7 @@ async fn listen_notify_in_session_mode() {
 // ---------------------------------------------------------------------------
 
 async fn failed_transaction_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     out.extend(a.query("BEGIN").run().await);
     out.extend(
@@ -980,7 +680,7 @@ async fn error_in_transaction_then_rollback() {
     // transaction holds it, then gets a clean session.
     let port = proxy.port;
     let b = tokio::spawn(async move {
-        let (mut b, _) = Raw::connect(port, &[]).await;
+        let (mut b, _) = raw_connect(port, &[]).await;
         let lines = b.query("select 42").run().await;
         (b, lines)
     });
@@ -1274,8 +974,8 @@ async fn startup_sequence_and_datestyle_raw() {
     let proxy = start_proxy(&pg, "transaction", 1, TRUST);
     let startup = [("application_name", "raw"), ("DateStyle", "SQL, DMY")];
 
-    let (_, direct) = Raw::connect(pg.port, &startup).await;
-    let (mut raw, msgs) = Raw::connect(proxy.port, &startup).await;
+    let (_, direct) = raw_connect(pg.port, &startup).await;
+    let (mut raw, msgs) = raw_connect(proxy.port, &startup).await;
     let tags: String = msgs.iter().map(|m| m.tag as char).collect();
     let n = tags.len();
     assert!(
@@ -1422,8 +1122,8 @@ async fn prepared_statements_reprepared_on_every_server() {
 }
 
 async fn name_collision_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
-    let (mut b, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
+    let (mut b, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let tag = |who: &str, lines: Vec<String>| -> Vec<String> {
         lines.into_iter().map(|l| format!("{who}: {l}")).collect()
@@ -1467,7 +1167,7 @@ async fn prepared_statement_name_collision_between_clients() {
 }
 
 async fn close_and_deallocate_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let mut step = |name: &str, lines: Vec<String>| {
         out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
@@ -1612,8 +1312,8 @@ async fn prepared_statement_close_deallocate_discard() {
 }
 
 async fn result_type_change_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
-    let (mut ddl, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
+    let (mut ddl, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     ddl.query("drop table if exists rt; create table rt (a int); insert into rt values (1)")
         .run()
@@ -1653,9 +1353,9 @@ async fn prepared_statement_result_type_change_gives_server_error() {
 /// 0A000 (and fail the transaction) as PostgreSQL does for a statement
 /// prepared before the change, until the client prepares it again.
 async fn result_type_change_on_another_server_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
-    let (mut holder, _) = Raw::connect(port, &[]).await;
-    let (mut ddl, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
+    let (mut holder, _) = raw_connect(port, &[]).await;
+    let (mut ddl, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let mut step = |name: &str, lines: Vec<String>| {
         out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
@@ -1732,7 +1432,7 @@ async fn prepared_statement_result_type_change_on_another_server() {
 /// The same statement text means other tables to clients with another
 /// `search_path`: they never share a preparation.
 async fn same_text_other_search_path_scenario(port: u16) -> Vec<String> {
-    let (mut ddl, _) = Raw::connect(port, &[]).await;
+    let (mut ddl, _) = raw_connect(port, &[]).await;
     ddl.query(
         "drop schema if exists sp_a, sp_b cascade; create schema sp_a; create schema sp_b; \
          create table sp_a.t (v int); insert into sp_a.t values (1); \
@@ -1740,8 +1440,8 @@ async fn same_text_other_search_path_scenario(port: u16) -> Vec<String> {
     )
     .run()
     .await;
-    let (mut a, _) = Raw::connect(port, &[("search_path", "sp_a")]).await;
-    let (mut b, _) = Raw::connect(port, &[("search_path", "sp_b")]).await;
+    let (mut a, _) = raw_connect(port, &[("search_path", "sp_a")]).await;
+    let (mut b, _) = raw_connect(port, &[("search_path", "sp_b")]).await;
     let mut out = Vec::new();
     for round in 0..2 {
         for (who, c) in [("a", &mut a), ("b", &mut b)] {
@@ -1772,9 +1472,9 @@ async fn same_statement_text_under_other_search_paths() {
 /// how a client recovers (PostgreSQL plans the new Parse afresh), also while
 /// another client still holds the same statement text.
 async fn reprepare_after_alter_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
-    let (mut other, _) = Raw::connect(port, &[]).await;
-    let (mut ddl, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
+    let (mut other, _) = raw_connect(port, &[]).await;
+    let (mut ddl, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let mut step = |name: &str, lines: Vec<String>| {
         out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
@@ -1847,7 +1547,7 @@ async fn prepared_statement_reprepare_after_result_type_change() {
 /// Statement management while the transaction has failed: PostgreSQL refuses
 /// Parse and DEALLOCATE (25P02) and keeps its statements.
 async fn statements_in_failed_transaction_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let mut step = |name: &str, lines: Vec<String>| {
         out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));
@@ -1893,7 +1593,7 @@ async fn statements_in_failed_transaction_scenario(port: u16) -> Vec<String> {
 /// them in one write: postgres.js (Parse + Describe, then Bind + Execute +
 /// Sync) and pgjdbc (Parse + Bind + Describe portal + Execute + Sync).
 async fn named_statements_in_failed_transaction_scenario(port: u16) -> Vec<String> {
-    let (mut a, _) = Raw::connect(port, &[]).await;
+    let (mut a, _) = raw_connect(port, &[]).await;
     let mut out = Vec::new();
     let mut step = |name: &str, lines: Vec<String>| {
         out.extend(lines.into_iter().map(|l| format!("{name}: {l}")));

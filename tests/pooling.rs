@@ -5,7 +5,6 @@
 //! servers, SIGHUP reload and SIGTERM drain.
 mod support;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +24,7 @@ type ConnTask = JoinHandle<Result<(), tokio_postgres::Error>>;
 /// A PostgreSQL 15 server with role `app` (password `secret`) owning database
 /// `appdb`, which has a table `items(client int, n int)`.
 fn start_pg() -> PgServer {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(USER, PASSWORD);
-    pg.create_db(DB, Some(USER));
+    let pg = pg_with_app(PgOptions::default(), Some(DB));
     pg.psql_db(
         DB,
         "CREATE TABLE items(client int NOT NULL, n int NOT NULL); \
@@ -36,71 +33,29 @@ fn start_pg() -> PgServer {
     pg
 }
 
-/// A TOML value: integers stay bare, everything else is quoted.
-fn toml_value(v: &str) -> String {
-    if v.parse::<i64>().is_ok() || v == "true" || v == "false" {
-        v.to_string()
-    } else {
-        format!("\"{v}\"")
-    }
-}
-
 /// A proxy config listening on `listen`, backend blue on `backend_port`, with
-/// the brief's defaults; `overrides` replace (or add) `[proxy]` keys. The user
-/// `app`/`secret` is always configured; `extra` is appended verbatim (more
-/// `[[users]]`, or other tables).
-fn proxy_toml(listen: u16, backend_port: u16, overrides: &[(&str, &str)], extra: &str) -> String {
-    let mut settings: Vec<(String, String)> = [
-        ("pool_mode", "transaction"),
-        ("auth_method", "scram-sha-256"),
-        ("default_pool_size", "20"),
-        ("min_pool_size", "0"),
-        ("max_client_conn", "5000"),
-        ("query_wait_timeout", "120s"),
-        ("server_idle_timeout", "600s"),
-        ("server_lifetime", "3600s"),
-        ("server_connect_timeout", "5s"),
-        ("shutdown_timeout", "30s"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    for (k, v) in overrides {
-        match settings.iter_mut().find(|(key, _)| key == k) {
-            Some(slot) => slot.1 = v.to_string(),
-            None => settings.push((k.to_string(), v.to_string())),
-        }
-    }
-    let mut out = format!("[proxy]\nlisten = \"127.0.0.1:{listen}\"\n");
-    for (k, v) in &settings {
-        out.push_str(&format!("{k} = {}\n", toml_value(v)));
-    }
-    out.push_str(&format!(
-        "\n[backends.blue]\nhost = \"127.0.0.1\"\nport = {backend_port}\n\n\
-         [[users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
-    ));
-    out.push_str(extra);
-    out
+/// the brief's defaults (`set`/`set_all` replace them) and the user
+/// `app`/`secret`.
+fn pool_config(listen: u16, backend_port: u16) -> ProxyConfig {
+    ProxyConfig::new(backend_port)
+        .listen(listen)
+        .set_all(&[
+            ("pool_mode", "transaction"),
+            ("auth_method", "scram-sha-256"),
+            ("default_pool_size", "20"),
+            ("min_pool_size", "0"),
+            ("max_client_conn", "5000"),
+            ("query_wait_timeout", "120s"),
+            ("server_idle_timeout", "600s"),
+            ("server_lifetime", "3600s"),
+            ("server_connect_timeout", "5s"),
+            ("shutdown_timeout", "30s"),
+        ])
+        .user(USER, PASSWORD)
 }
 
-/// A `[[users]]` entry with password `secret` and extra keys.
-fn user_entry(name: &str, keys: &[(&str, &str)]) -> String {
-    let mut out = format!("\n[[users]]\nname = \"{name}\"\npassword = \"{PASSWORD}\"\n");
-    for (k, v) in keys {
-        out.push_str(&format!("{k} = {}\n", toml_value(v)));
-    }
-    out
-}
-
-fn client_config(port: u16, user: &str) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(port)
-        .user(user)
-        .password(PASSWORD)
-        .dbname(DB)
-        .connect_timeout(Duration::from_secs(10));
-    c
+fn user_config(port: u16, user: &str) -> tokio_postgres::Config {
+    client_config(port, user, Some(PASSWORD), DB)
 }
 
 /// Connects to the proxy; returns the client and its connection task (whose
@@ -109,7 +64,7 @@ async fn try_connect_as(
     port: u16,
     user: &str,
 ) -> Result<(Client, ConnTask), tokio_postgres::Error> {
-    let (client, conn) = client_config(port, user).connect(NoTls).await?;
+    let (client, conn) = user_config(port, user).connect(NoTls).await?;
     Ok((client, tokio::spawn(conn)))
 }
 
@@ -141,24 +96,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
             db.hint()
         ),
         None => format!("{e} ({e:?})"),
-    }
-}
-
-/// Polls `check` until it yields `Some` or `timeout` passes.
-async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
@@ -278,16 +215,10 @@ trait LogCount {
 
 impl LogCount for Proxy {
     fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.logs().matches(needle).count() >= n {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_sync(timeout, || {
+            (self.logs().matches(needle).count() >= n).then_some(())
+        })
+        .is_some()
     }
 }
 
@@ -299,12 +230,10 @@ async fn transaction_pooling_caps_server_connections_and_isolates_transactions()
     pg.create_user("solo", PASSWORD);
     pg.psql_db(DB, "GRANT ALL ON items TO solo");
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "3")],
-        &user_entry("solo", &[("pool_size", "1")]),
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "3")])
+        .user_keys("solo", &[("password", PASSWORD), ("pool_size", "1")])
+        .start();
     let admin = Arc::new(pg.admin().await);
 
     // 40 clients x 20 transactions through 3 server connections.
@@ -531,19 +460,19 @@ async fn check_fresh_session(c: &Client) {
     assert_eq!(listening, 0, "LISTEN survived into a new client's session");
     // The previous session's advisory lock is released (whether its server
     // was closed or reset); another session can take it.
-    let got = wait_for(Duration::from_secs(5), || async {
-        let r: bool = c
-            .query_one("SELECT pg_try_advisory_lock(4242)", &[])
-            .await
-            .unwrap()
-            .get(0);
-        r.then_some(())
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "session advisory lock of a disconnected client is still held",
+        || async {
+            let r: bool = c
+                .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+                .await
+                .unwrap()
+                .get(0);
+            r
+        },
+    )
     .await;
-    assert!(
-        got.is_some(),
-        "session advisory lock of a disconnected client is still held"
-    );
     let held: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid <> pg_backend_pid()",
@@ -565,12 +494,9 @@ async fn check_fresh_session(c: &Client) {
 async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("pool_mode", "session"), ("default_pool_size", "5")],
-        "",
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("pool_mode", "session"), ("default_pool_size", "5")])
+        .start();
     let admin = pg.admin().await;
 
     let c1 = connect(port).await;
@@ -648,7 +574,7 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
 
     // Startup parameters belong to their session only.
     let closed_before = proxy.logs().matches("client terminated").count();
-    let mut cfg = client_config(port, USER);
+    let mut cfg = user_config(port, USER);
     cfg.application_name("first_session_app");
     let (named, _task) = cfg
         .connect(NoTls)
@@ -683,7 +609,7 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
         closed_before + 2,
         Duration::from_secs(5)
     ));
-    let mut cfg = client_config(port, USER);
+    let mut cfg = user_config(port, USER);
     cfg.application_name("second_session_app");
     let (named2, _task2) = cfg
         .connect(NoTls)
@@ -707,18 +633,15 @@ async fn session_mode_keeps_session_state_and_resets_it_for_the_next_client() {
 async fn session_mode_logs_in_at_once_and_waits_at_the_first_query() {
     let pg = start_pg();
     let port = free_port();
-    let _proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("pool_mode", "session"), ("default_pool_size", "1")],
-        "",
-    ));
+    let _proxy = pool_config(port, pg.port)
+        .set_all(&[("pool_mode", "session"), ("default_pool_size", "1")])
+        .start();
     let mut holder = connect(port).await;
     backend_pid(&holder).await;
     // A second set of startup parameters is checked on a server of its own:
     // the only pooled one is taken.
     for app in [None, Some("late_client")] {
-        let mut cfg = client_config(port, USER);
+        let mut cfg = user_config(port, USER);
         cfg.connect_timeout(Duration::from_secs(1));
         if let Some(app) = app {
             cfg.application_name(app);
@@ -769,12 +692,9 @@ async fn session_mode_logs_in_at_once_and_waits_at_the_first_query() {
 async fn pgbench_over_a_smaller_session_pool_never_times_out_at_login() {
     let pg = start_pg();
     let port = free_port();
-    let _proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("pool_mode", "session"), ("default_pool_size", "2")],
-        "",
-    ));
+    let _proxy = pool_config(port, pg.port)
+        .set_all(&[("pool_mode", "session"), ("default_pool_size", "2")])
+        .start();
     let init = run_pgbench(port, &["-i", "-s", "1"]).await;
     assert!(init.status.success(), "pgbench -i: {init:?}");
     // The first two clients hold the servers for the whole 3 s run: the
@@ -805,12 +725,10 @@ async fn per_user_pool_mode_session_overrides_transaction_mode() {
     pg.create_user("sess", PASSWORD);
     pg.psql_db(DB, "GRANT CREATE, TEMP ON DATABASE appdb TO sess");
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("pool_mode", "transaction")],
-        &user_entry("sess", &[("pool_mode", "session")]),
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("pool_mode", "transaction")])
+        .user_keys("sess", &[("password", PASSWORD), ("pool_mode", "session")])
+        .start();
     let admin = pg.admin().await;
     let c1 = connect_as(port, "sess").await;
     check_session_state_persists(&c1).await;
@@ -860,12 +778,9 @@ async fn run_pgbench_with_connect_timeout(
 async fn pgbench_simple_extended_prepared_through_transaction_pool() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "4")],
-        "",
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "4")])
+        .start();
     let admin = Arc::new(pg.admin().await);
 
     let init = run_pgbench(port, &["-i", "-s", "1"]).await;
@@ -924,12 +839,9 @@ async fn pgbench_simple_extended_prepared_through_transaction_pool() {
 async fn query_wait_timeout_fails_waiting_client_with_53300() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "1"), ("query_wait_timeout", "1s")],
-        "",
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "1"), ("query_wait_timeout", "1s")])
+        .start();
     let a = connect(port).await;
     let (b, b_task) = try_connect_as(port, USER).await.expect("connect B");
     a.batch_execute("BEGIN").await.unwrap();
@@ -1000,16 +912,13 @@ async fn burst(clients: &[Arc<Client>]) {
 async fn server_idle_timeout_closes_idle_server_connections() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[
             ("default_pool_size", "5"),
             ("min_pool_size", "0"),
             ("server_idle_timeout", "1s"),
-        ],
-        "",
-    ));
+        ])
+        .start();
     let admin = Arc::new(pg.admin().await);
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -1052,16 +961,13 @@ async fn server_idle_timeout_closes_idle_server_connections() {
 async fn min_pool_size_keeps_connections_open() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[
             ("default_pool_size", "5"),
             ("min_pool_size", "2"),
             ("server_idle_timeout", "1s"),
-        ],
-        "",
-    ));
+        ])
+        .start();
     let admin = Arc::new(pg.admin().await);
     let first = connect(port).await;
     assert_eq!(
@@ -1120,27 +1026,27 @@ async fn min_pool_size_keeps_connections_open() {
         .await
         .unwrap();
     let admin2 = admin.clone();
-    let replaced = wait_for(Duration::from_secs(5), || {
-        let admin = admin2.clone();
-        async move {
-            let pids: Vec<i32> = admin
-                .query(
-                    "SELECT pid FROM pg_stat_activity WHERE usename = $1",
-                    &[&USER],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            (pids.len() == 2 && !pids.contains(&victim)).then_some(())
-        }
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "terminated idle connection was not replaced to keep min_pool_size = 2",
+        || {
+            let admin = admin2.clone();
+            async move {
+                let pids: Vec<i32> = admin
+                    .query(
+                        "SELECT pid FROM pg_stat_activity WHERE usename = $1",
+                        &[&USER],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                pids.len() == 2 && !pids.contains(&victim)
+            }
+        },
+    )
     .await;
-    assert!(
-        replaced.is_some(),
-        "terminated idle connection was not replaced to keep min_pool_size = 2"
-    );
     assert_eq!(
         simple_one(&first, "select 2").await.unwrap().as_deref(),
         Some("2")
@@ -1152,12 +1058,9 @@ async fn min_pool_size_keeps_connections_open() {
 async fn server_lifetime_replaces_old_connections_without_client_errors() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "1"), ("server_lifetime", "1s")],
-        "",
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "1"), ("server_lifetime", "1s")])
+        .start();
     let c = connect(port).await;
     let p1 = backend_pid(&c).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1253,16 +1156,13 @@ async fn server_connect_timeout_and_refused_backend_give_class_08_errors() {
         }
     });
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        hole_port,
-        &[
+    let proxy = pool_config(port, hole_port)
+        .set_all(&[
             ("default_pool_size", "1"),
             ("server_connect_timeout", "500ms"),
             ("query_wait_timeout", "10s"),
-        ],
-        "",
-    ));
+        ])
+        .start();
     // Repeated: a failed connect must not leak the pool's only slot.
     for attempt in 0..3 {
         let t0 = Instant::now();
@@ -1294,12 +1194,9 @@ async fn server_connect_timeout_and_refused_backend_give_class_08_errors() {
     // Nothing listening at all.
     let dead_port = free_port();
     let port2 = free_port();
-    let proxy2 = Proxy::start(&proxy_toml(
-        port2,
-        dead_port,
-        &[("default_pool_size", "1")],
-        "",
-    ));
+    let proxy2 = pool_config(port2, dead_port)
+        .set_all(&[("default_pool_size", "1")])
+        .start();
     for attempt in 0..2 {
         let t0 = Instant::now();
         let res = tokio::time::timeout(Duration::from_secs(15), try_connect_as(port2, USER)).await;
@@ -1337,12 +1234,9 @@ async fn server_connect_timeout_and_refused_backend_give_class_08_errors() {
 async fn client_disconnecting_mid_transaction_rolls_back_and_frees_the_server() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "1"), ("query_wait_timeout", "5s")],
-        "",
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "1"), ("query_wait_timeout", "5s")])
+        .start();
     let admin = pg.admin().await;
 
     for (round, abrupt) in [(0, true), (1, false)] {
@@ -1378,14 +1272,12 @@ async fn client_disconnecting_mid_transaction_rolls_back_and_frees_the_server() 
             0,
             "round {round}: B saw A's uncommitted row"
         );
-        let left = wait_for(Duration::from_secs(5), || async {
-            (server_conns_in_state(&admin, USER, "idle in transaction%").await == 0).then_some(())
-        })
+        wait_until(
+            Duration::from_secs(5),
+            &format!("round {round}: an 'idle in transaction' server session remained"),
+            || async { server_conns_in_state(&admin, USER, "idle in transaction%").await == 0 },
+        )
         .await;
-        assert!(
-            left.is_some(),
-            "round {round}: an 'idle in transaction' server session remained"
-        );
         assert_eq!(
             committed_items(&pg, marker),
             0,
@@ -1399,7 +1291,7 @@ async fn client_disconnecting_mid_transaction_rolls_back_and_frees_the_server() 
     let a = Arc::new(a);
     let a2 = a.clone();
     let running = tokio::spawn(async move { a2.simple_query("SELECT pg_sleep(1.5)").await });
-    let started = wait_for(Duration::from_secs(5), || async {
+    wait_until(Duration::from_secs(5), "A's query never started on the server", || async {
         let n: i64 = admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND query LIKE '%pg_sleep(1.5)%' AND state = 'active'",
@@ -1408,10 +1300,9 @@ async fn client_disconnecting_mid_transaction_rolls_back_and_frees_the_server() 
             .await
             .unwrap()
             .get(0);
-        (n == 1).then_some(())
+        n == 1
     })
     .await;
-    assert!(started.is_some(), "A's query never started on the server");
     a_task.abort();
     let _ = a_task.await;
     let _ = running.await;
@@ -1433,12 +1324,9 @@ async fn client_disconnecting_mid_transaction_rolls_back_and_frees_the_server() 
 async fn sigterm_exits_after_shutdown_timeout_even_with_an_open_transaction() {
     let pg = start_pg();
     let port = free_port();
-    let mut proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("shutdown_timeout", "2s")],
-        "",
-    ));
+    let mut proxy = pool_config(port, pg.port)
+        .set_all(&[("shutdown_timeout", "2s")])
+        .start();
     let admin = pg.admin().await;
     let stuck = connect(port).await;
     stuck
@@ -1478,12 +1366,9 @@ async fn sigterm_exits_after_shutdown_timeout_even_with_an_open_transaction() {
 async fn terminated_server_fails_the_client_cleanly_and_pool_recovers() {
     let pg = start_pg();
     let port = free_port();
-    let proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "1"), ("query_wait_timeout", "5s")],
-        "",
-    ));
+    let proxy = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "1"), ("query_wait_timeout", "5s")])
+        .start();
     let admin = pg.admin().await;
     let (c, c_task) = try_connect_as(port, USER).await.expect("connect");
     c.batch_execute("BEGIN; INSERT INTO items VALUES (-8, 1)")
@@ -1556,19 +1441,22 @@ async fn terminated_server_fails_the_client_cleanly_and_pool_recovers() {
             .unwrap()
             .get(0);
         assert!(killed);
-        let gone = wait_for(Duration::from_secs(5), || async {
-            let n: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                    &[&idle_pid],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n == 0).then_some(())
-        })
+        wait_until(
+            Duration::from_secs(5),
+            &format!("terminated backend {idle_pid} did not exit"),
+            || async {
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                        &[&idle_pid],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                n == 0
+            },
+        )
         .await;
-        assert!(gone.is_some(), "terminated backend {idle_pid} did not exit");
         let res = tokio::time::timeout(Duration::from_secs(10), d.simple_query("select 1"))
             .await
             .expect("query hung after the idle server was terminated");
@@ -1589,7 +1477,9 @@ async fn terminated_server_fails_the_client_cleanly_and_pool_recovers() {
 async fn sighup_resizes_pool_and_rejects_bad_configs() {
     let pg = start_pg();
     let port = free_port();
-    let cfg2 = proxy_toml(port, pg.port, &[("default_pool_size", "2")], "");
+    let cfg2 = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "2")])
+        .toml();
     let mut proxy = Proxy::start(&cfg2);
     let admin = pg.admin().await;
 
@@ -1618,7 +1508,9 @@ async fn sighup_resizes_pool_and_rejects_bad_configs() {
     );
     assert_eq!(server_conns(&admin, USER).await, 2);
 
-    let cfg4 = proxy_toml(port, pg.port, &[("default_pool_size", "4")], "");
+    let cfg4 = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "4")])
+        .toml();
     proxy.rewrite_config(&cfg4);
     proxy.signal(SIGHUP);
     assert!(
@@ -1645,12 +1537,9 @@ async fn sighup_resizes_pool_and_rejects_bad_configs() {
     assert_eq!(committed_items(&pg, -9), 4);
 
     // A config with an unknown key is rejected; the old one stays.
-    let bad = proxy_toml(
-        port,
-        pg.port,
-        &[("default_pool_size", "1"), ("bogus_pool_knob", "3")],
-        "",
-    );
+    let bad = pool_config(port, pg.port)
+        .set_all(&[("default_pool_size", "1"), ("bogus_pool_knob", "3")])
+        .toml();
     proxy.rewrite_config(&bad);
     proxy.signal(SIGHUP);
     assert!(
@@ -1691,7 +1580,9 @@ async fn sighup_resizes_pool_and_rejects_bad_configs() {
 
     // Bad config at startup: non-zero exit naming the key.
     let port3 = free_port();
-    let bad_start = proxy_toml(port3, pg.port, &[("bogus_pool_knob", "3")], "");
+    let bad_start = pool_config(port3, pg.port)
+        .set_all(&[("bogus_pool_knob", "3")])
+        .toml();
     let mut p3 = Proxy::spawn(&bad_start);
     let status = p3
         .wait_exit(Duration::from_secs(10))
@@ -1729,12 +1620,9 @@ async fn sighup_resizes_pool_and_rejects_bad_configs() {
 async fn sigterm_drains_open_transactions_then_exits_zero() {
     let pg = start_pg();
     let port = free_port();
-    let mut proxy = Proxy::start(&proxy_toml(
-        port,
-        pg.port,
-        &[("shutdown_timeout", "10s")],
-        "",
-    ));
+    let mut proxy = pool_config(port, pg.port)
+        .set_all(&[("shutdown_timeout", "10s")])
+        .start();
 
     let (busy, _busy_task) = try_connect_as(port, USER).await.expect("connect busy");
     let (idle, idle_task) = try_connect_as(port, USER).await.expect("connect idle");
@@ -1748,17 +1636,17 @@ async fn sigterm_drains_open_transactions_then_exits_zero() {
 
     let t0 = Instant::now();
     proxy.signal(SIGTERM);
-    let refused = wait_for(Duration::from_secs(5), || async {
-        match tokio::time::timeout(Duration::from_secs(3), try_connect_as(port, USER)).await {
-            Ok(Err(_)) => Some(()),
-            _ => None,
-        }
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "proxy still accepts new clients after SIGTERM",
+        || async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(3), try_connect_as(port, USER)).await,
+                Ok(Err(_))
+            )
+        },
+    )
     .await;
-    assert!(
-        refused.is_some(),
-        "proxy still accepts new clients after SIGTERM"
-    );
     assert!(
         proxy.exited().is_none(),
         "proxy exited while a transaction was open"

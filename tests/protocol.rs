@@ -7,110 +7,56 @@
 //! else uses tokio-postgres or psql as the client.
 mod support;
 
-use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use bytes::{Buf, BytesMut};
 use postgres_protocol::message::frontend;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 const USER: &str = "app";
 const PASSWORD: &str = "secret";
-/// Upper bound for any single network read in the raw tests.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------
 // configuration helpers
 // ---------------------------------------------------------------------------
 
-/// What goes into one test's proxy.toml.
-struct Cfg<'a> {
-    blue: u16,
-    green: Option<u16>,
-    active: &'a str,
-    auth_method: &'a str,
-    pool_mode: &'a str,
-    max_client_conn: usize,
-    users: Vec<(&'a str, &'a str)>,
+/// These tests' proxy settings in front of backend blue on port `blue`.
+fn cfg(blue: u16) -> ProxyConfig {
+    ProxyConfig::new(blue).set_all(&[
+        ("pool_mode", "transaction"),
+        ("auth_method", "scram-sha-256"),
+        ("default_pool_size", "20"),
+        ("max_client_conn", "5000"),
+        ("query_wait_timeout", "5s"),
+    ])
 }
 
-impl<'a> Cfg<'a> {
-    fn new(blue: u16) -> Self {
-        Cfg {
-            blue,
-            green: None,
-            active: "blue",
-            auth_method: "scram-sha-256",
-            pool_mode: "transaction",
-            max_client_conn: 5000,
-            users: vec![(USER, PASSWORD)],
-        }
-    }
-
-    fn toml(&self) -> String {
-        let mut s = format!(
-            "[proxy]\n\
-             listen = \"127.0.0.1:{port}\"\n\
-             pool_mode = \"{mode}\"\n\
-             auth_method = \"{auth}\"\n\
-             default_pool_size = 20\n\
-             max_client_conn = {max}\n\
-             query_wait_timeout = \"5s\"\n\
-             \n[backends.blue]\nhost = \"127.0.0.1\"\nport = {blue}\n",
-            port = free_port(),
-            mode = self.pool_mode,
-            auth = self.auth_method,
-            max = self.max_client_conn,
-            blue = self.blue,
-        );
-        if let Some(green) = self.green {
-            s.push_str(&format!(
-                "\n[backends.green]\nhost = \"127.0.0.1\"\nport = {green}\n"
-            ));
-        }
-        s.push_str(&format!("\n[cutover]\nactive = \"{}\"\n", self.active));
-        for (name, pw) in &self.users {
-            s.push_str(&format!(
-                "\n[[users]]\nname = \"{name}\"\npassword = \"{pw}\"\n"
-            ));
-        }
-        s
-    }
-
-    fn start(&self) -> Proxy {
-        Proxy::start(&self.toml())
-    }
+/// Starts `cfg` with blue active and the user app/secret.
+fn start(cfg: ProxyConfig) -> Proxy {
+    cfg.table("[cutover]\nactive = \"blue\"")
+        .user(USER, PASSWORD)
+        .start()
 }
 
 /// A PG 15 server with role app/secret and a proxy (scram to clients) in front.
 fn pg_and_proxy(hba: HbaAuth) -> (PgServer, Proxy) {
-    let pg = PgServer::start(PgOptions {
-        auth: hba,
-        ..Default::default()
-    });
-    pg.create_user(USER, PASSWORD);
-    let proxy = Cfg::new(pg.port).start();
+    let pg = pg_with_app(
+        PgOptions {
+            auth: hba,
+            ..Default::default()
+        },
+        None,
+    );
+    let proxy = start(cfg(pg.port));
     (pg, proxy)
 }
 
 /// tokio-postgres config for a TCP connection through the proxy.
 fn proxy_config(proxy: &Proxy, user: &str, password: Option<&str>) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(proxy.port)
-        .user(user)
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(10));
-    if let Some(pw) = password {
-        c.password(pw);
-    }
-    c
+    client_config(proxy.port, user, password, "postgres")
 }
 
 async fn try_connect(
@@ -118,11 +64,7 @@ async fn try_connect(
     user: &str,
     password: Option<&str>,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = proxy_config(proxy, user, password).connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    connect_with(&proxy_config(proxy, user, password)).await
 }
 
 async fn connect(proxy: &Proxy) -> tokio_postgres::Client {
@@ -155,282 +97,6 @@ async fn select_int(client: &tokio_postgres::Client, sql: &str) -> i32 {
 // raw protocol helpers
 // ---------------------------------------------------------------------------
 
-/// A startup-type packet (no tag) with protocol `version` and `params`.
-fn startup_packet(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    body.put_i32(version);
-    for (k, v) in params {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut out = Vec::new();
-    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
-/// An 8-byte request code packet (SSLRequest, GSSENCRequest).
-fn request_code(code: i32) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&8i32.to_be_bytes());
-    out.extend_from_slice(&code.to_be_bytes());
-    out
-}
-
-const SSL_REQUEST: i32 = 80_877_103;
-const GSSENC_REQUEST: i32 = 80_877_104;
-const PROTOCOL_3_0: i32 = 196_608;
-const PROTOCOL_3_2: i32 = 196_610;
-
-/// The fields of an ErrorResponse/NoticeResponse body by field code.
-fn error_fields(body: &[u8]) -> HashMap<char, String> {
-    let mut out = HashMap::new();
-    let mut rest = body;
-    while let Some((&tag, tail)) = rest.split_first() {
-        if tag == 0 {
-            break;
-        }
-        let end = tail
-            .iter()
-            .position(|&b| b == 0)
-            .expect("unterminated error field");
-        out.insert(
-            tag as char,
-            String::from_utf8_lossy(&tail[..end]).into_owned(),
-        );
-        rest = &tail[end + 1..];
-    }
-    out
-}
-
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-/// Result of a raw simple query: rows (text) or the error fields.
-type RawResult = Result<Vec<Vec<Option<String>>>, HashMap<char, String>>;
-
-impl Raw {
-    async fn connect(port: u16) -> Raw {
-        let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(("127.0.0.1", port)))
-            .await
-            .expect("connect timed out")
-            .expect("connect to proxy");
-        stream.set_nodelay(true).unwrap();
-        Raw {
-            stream,
-            buf: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write to proxy");
-    }
-
-    /// Reads more bytes; false on EOF (or a reset, which is an EOF here).
-    async fn fill(&mut self) -> bool {
-        match tokio::time::timeout(IO_TIMEOUT, self.stream.read_buf(&mut self.buf)).await {
-            Err(_) => panic!(
-                "no data from the proxy within {IO_TIMEOUT:?} (buffered: {:?})",
-                self.buf
-            ),
-            Ok(Ok(0)) | Ok(Err(_)) => false,
-            Ok(Ok(_)) => true,
-        }
-    }
-
-    /// The single byte answering an SSLRequest/GSSENCRequest.
-    async fn read_byte(&mut self) -> u8 {
-        while self.buf.is_empty() {
-            assert!(
-                self.fill().await,
-                "connection closed instead of a 1-byte answer"
-            );
-        }
-        self.buf.get_u8()
-    }
-
-    /// Next message, or None if the proxy closed the connection first.
-    async fn try_read_msg(&mut self) -> Option<(u8, Vec<u8>)> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                assert!(
-                    (4..1 << 24).contains(&len),
-                    "implausible message length {len} (tag {:?})",
-                    self.buf[0] as char
-                );
-                let total = len as usize + 1;
-                if self.buf.len() >= total {
-                    let mut msg = self.buf.split_to(total);
-                    let tag = msg.get_u8();
-                    msg.advance(4);
-                    return Some((tag, msg.to_vec()));
-                }
-            }
-            if !self.fill().await {
-                assert!(
-                    self.buf.is_empty(),
-                    "connection closed mid-message: {:?}",
-                    self.buf
-                );
-                return None;
-            }
-        }
-    }
-
-    async fn read_msg(&mut self) -> (u8, Vec<u8>) {
-        self.try_read_msg()
-            .await
-            .expect("connection closed while a message was expected")
-    }
-
-    /// Expects the proxy to close the connection with nothing more to say.
-    async fn expect_eof(&mut self) {
-        if let Some((tag, body)) = self.try_read_msg().await {
-            panic!(
-                "expected the connection to close, got message {:?} {:?}",
-                tag as char,
-                String::from_utf8_lossy(&body)
-            );
-        }
-    }
-
-    /// Reads the next message, which must be an ErrorResponse; returns its fields.
-    async fn expect_error(&mut self) -> HashMap<char, String> {
-        match self.try_read_msg().await {
-            Some((b'E', body)) => error_fields(&body),
-            Some((tag, body)) => panic!(
-                "expected ErrorResponse, got {:?} {:?}",
-                tag as char,
-                String::from_utf8_lossy(&body)
-            ),
-            None => panic!("expected ErrorResponse, but the proxy closed the connection silently"),
-        }
-    }
-
-    /// After the startup packet: SCRAM-SHA-256 (or trust) login up to
-    /// ReadyForQuery. Returns the BackendKeyData (pid, secret).
-    async fn login(&mut self, password: &str) -> (i32, i32) {
-        let mut scram: Option<ScramSha256> = None;
-        let mut key = None;
-        loop {
-            let (tag, body) = self.read_msg().await;
-            match tag {
-                b'R' => {
-                    let code = i32::from_be_bytes(body[..4].try_into().unwrap());
-                    let data = &body[4..];
-                    let mut out = BytesMut::new();
-                    match code {
-                        0 => continue,
-                        10 => {
-                            let mechs: Vec<&[u8]> = data.split(|b| *b == 0).collect();
-                            assert!(
-                                mechs.contains(&&b"SCRAM-SHA-256"[..]),
-                                "mechanisms offered: {:?}",
-                                String::from_utf8_lossy(data)
-                            );
-                            let s = ScramSha256::new(
-                                password.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
-                                .unwrap();
-                            scram = Some(s);
-                        }
-                        11 => {
-                            let s = scram.as_mut().expect("SASLContinue before SASL");
-                            s.update(data).expect("SCRAM server-first");
-                            frontend::sasl_response(s.message(), &mut out).unwrap();
-                        }
-                        12 => {
-                            scram
-                                .take()
-                                .expect("SASLFinal before SASL")
-                                .finish(data)
-                                .expect("SCRAM server signature");
-                            continue;
-                        }
-                        other => panic!("unexpected authentication request {other}"),
-                    }
-                    self.send(&out).await;
-                }
-                b'S' | b'N' => {}
-                b'K' => {
-                    let pid = i32::from_be_bytes(body[0..4].try_into().unwrap());
-                    let secret = i32::from_be_bytes(body[4..8].try_into().unwrap());
-                    key = Some((pid, secret));
-                }
-                b'Z' => return key.expect("ReadyForQuery without BackendKeyData"),
-                b'E' => panic!("login failed: {:?}", error_fields(&body)),
-                other => panic!(
-                    "unexpected message {:?} during login: {:?}",
-                    other as char,
-                    String::from_utf8_lossy(&body)
-                ),
-            }
-        }
-    }
-
-    async fn send_query(&mut self, sql: &str) {
-        let mut out = BytesMut::new();
-        frontend::query(sql, &mut out).unwrap();
-        self.send(&out).await;
-    }
-
-    /// Reads a simple query's results up to ReadyForQuery.
-    async fn read_query_result(&mut self) -> RawResult {
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            let (tag, body) = self.read_msg().await;
-            match tag {
-                b'D' => {
-                    let mut b = &body[..];
-                    let n = b.get_i16();
-                    let mut row = Vec::new();
-                    for _ in 0..n {
-                        let len = b.get_i32();
-                        if len < 0 {
-                            row.push(None);
-                        } else {
-                            let v = String::from_utf8_lossy(&b[..len as usize]).into_owned();
-                            b.advance(len as usize);
-                            row.push(Some(v));
-                        }
-                    }
-                    rows.push(row);
-                }
-                b'E' => error = Some(error_fields(&body)),
-                b'Z' => {
-                    return match error {
-                        Some(e) => Err(e),
-                        None => Ok(rows),
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    async fn simple_query(&mut self, sql: &str) -> RawResult {
-        self.send_query(sql).await;
-        self.read_query_result().await
-    }
-
-    async fn terminate(mut self) {
-        let mut out = BytesMut::new();
-        frontend::terminate(&mut out);
-        self.send(&out).await;
-        // Wait for the proxy to close its side.
-        let _ = self.try_read_msg().await;
-    }
-}
-
 /// Sends a CancelRequest to `port` and waits until the proxy has handled it
 /// (it closes the connection once the request is processed).
 async fn send_cancel(port: u16, pid: i32, secret: i32) {
@@ -443,25 +109,22 @@ async fn send_cancel(port: u16, pid: i32, secret: i32) {
 
 /// Polls `pg` until a backend runs `query` (state active), up to 10 s.
 async fn wait_until_running(admin: &tokio_postgres::Client, query: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let n: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
-                &[&query],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "query {query:?} never showed up as active on the server"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        &format!("query {query:?} never showed up as active on the server"),
+        || async {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                    &[&query],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n > 0
+        },
+    )
+    .await;
 }
 
 /// Proxy log with ANSI escape sequences (colours) removed.
@@ -646,7 +309,7 @@ async fn protocol_3_2_gets_negotiate_protocol_version_then_works() {
         &[("user", USER), ("database", "postgres")],
     ))
     .await;
-    let (tag, body) = raw.read_msg().await;
+    let Msg { tag, body } = raw.read_msg().await;
     assert_eq!(
         tag as char,
         'v',
@@ -678,7 +341,7 @@ async fn protocol_options_get_negotiate_protocol_version_listing_them() {
         ],
     ))
     .await;
-    let (tag, body) = raw.read_msg().await;
+    let Msg { tag, body } = raw.read_msg().await;
     assert_eq!(tag as char, 'v', "{:?}", String::from_utf8_lossy(&body));
     let mut b = &body[..];
     assert_eq!(b.get_i32(), PROTOCOL_3_0);
@@ -735,10 +398,11 @@ async fn check_active_backend(active: &str) {
     }
     green.psql("CREATE TABLE only_on_green (x int); GRANT SELECT ON only_on_green TO app");
     blue.psql("CREATE TABLE only_on_blue (x int); GRANT SELECT ON only_on_blue TO app");
-    let mut cfg = Cfg::new(blue.port);
-    cfg.green = Some(green.port);
-    cfg.active = active;
-    let proxy = cfg.start();
+    let proxy = cfg(blue.port)
+        .backend("green", green.port)
+        .table(&format!("[cutover]\nactive = \"{active}\""))
+        .user(USER, PASSWORD)
+        .start();
     let (want, other, want_table, other_table) = if active == "green" {
         (green.port, blue.port, "only_on_green", "only_on_blue")
     } else {
@@ -828,11 +492,8 @@ async fn scram_wrong_password_and_unknown_user_get_identical_28p01() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_auth_logs_in_without_password_backend_still_uses_scram() {
     // The backend demands SCRAM; the client sends no password at all.
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(USER, PASSWORD);
-    let mut cfg = Cfg::new(pg.port);
-    cfg.auth_method = "trust";
-    let proxy = cfg.start();
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(cfg(pg.port).auth_method("trust"));
     let client = try_connect(&proxy, USER, None)
         .await
         .unwrap_or_else(|e| panic!("trust login without a password failed: {e:?}"));
@@ -856,11 +517,8 @@ async fn trust_auth_logs_in_without_password_backend_still_uses_scram() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn md5_client_auth_right_and_wrong_password() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(USER, PASSWORD);
-    let mut cfg = Cfg::new(pg.port);
-    cfg.auth_method = "md5";
-    let proxy = cfg.start();
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(cfg(pg.port).auth_method("md5"));
 
     // The proxy must really ask for md5 (tokio-postgres would follow any method).
     let mut raw = Raw::connect(proxy.port).await;
@@ -869,7 +527,7 @@ async fn md5_client_auth_right_and_wrong_password() {
         &[("user", USER), ("database", "postgres")],
     ))
     .await;
-    let (tag, body) = raw.read_msg().await;
+    let Msg { tag, body } = raw.read_msg().await;
     assert_eq!(tag, b'R');
     assert_eq!(
         &body[..4],
@@ -943,7 +601,7 @@ async fn backend_login_failure_surfaces_server_28p01() {
     let pg = PgServer::start(PgOptions::default());
     // The proxy knows app/secret, the server has another password.
     pg.create_user(USER, "different-on-server");
-    let proxy = Cfg::new(pg.port).start();
+    let proxy = start(cfg(pg.port));
     let started = Instant::now();
     let e = try_connect(&proxy, USER, Some(PASSWORD))
         .await
@@ -995,11 +653,8 @@ async fn cancel_reaches_only_the_target_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_only_the_target_query_in_session_mode() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(USER, PASSWORD);
-    let mut cfg = Cfg::new(pg.port);
-    cfg.pool_mode = "session";
-    let proxy = cfg.start();
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(cfg(pg.port).pool_mode("session"));
     check_cancel_only_target(&pg, &proxy).await;
 }
 
@@ -1161,14 +816,12 @@ async fn one_connect_and_one_close_line_and_no_per_query_lines() {
     );
 
     drop(client); // sends Terminate
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let logs = loop {
+    let logs = wait_for(Duration::from_secs(5), || async {
         let logs = plain_logs(&proxy);
-        if session_close_lines(&logs).len() > closed_before || Instant::now() > deadline {
-            break logs;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (session_close_lines(&logs).len() > closed_before).then_some(logs)
+    })
+    .await
+    .unwrap_or_else(|| plain_logs(&proxy));
     let closes = session_close_lines(&logs);
     assert_eq!(closes.len(), closed_before + 1, "{logs}");
     let close = closes.last().unwrap();
@@ -1195,20 +848,17 @@ async fn abrupt_disconnect_logs_one_close_line() {
     raw.login(PASSWORD).await;
     assert!(raw.simple_query("SELECT 1").await.is_ok());
     drop(raw); // no Terminate: the socket just closes
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let logs = wait_for(Duration::from_secs(5), || async {
         let logs = plain_logs(&proxy);
-        let closes = session_close_lines(&logs);
-        if closes.len() > closed_before {
-            assert_eq!(closes.len(), closed_before + 1, "{logs}");
-            let line = closes.last().unwrap();
-            assert!(line.contains("duration_ms="), "{line}");
-            assert!(line.contains("reason="), "{line}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no close line:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (session_close_lines(&logs).len() > closed_before).then_some(logs)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no close line:\n{}", plain_logs(&proxy)));
+    let closes = session_close_lines(&logs);
+    assert_eq!(closes.len(), closed_before + 1, "{logs}");
+    let line = closes.last().unwrap();
+    assert!(line.contains("duration_ms="), "{line}");
+    assert!(line.contains("reason="), "{line}");
 }
 
 #[test]
@@ -1226,9 +876,11 @@ fn no_password_in_logs_at_debug_level() {
         let pg = PgServer::start(PgOptions::default());
         pg.create_user(USER, SECRET);
         pg.create_user("other", "server-side-differs");
-        let mut cfg = Cfg::new(pg.port);
-        cfg.users = vec![(USER, SECRET), ("other", SECRET)];
-        let proxy = cfg.start();
+        let proxy = cfg(pg.port)
+            .table("[cutover]\nactive = \"blue\"")
+            .user(USER, SECRET)
+            .user("other", SECRET)
+            .start();
 
         // Successful scram login + queries (the proxy logs in to the server with SECRET).
         let client = try_connect(&proxy, USER, Some(SECRET)).await.unwrap();
@@ -1267,11 +919,8 @@ fn no_password_in_logs_at_debug_level() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_client_conn_refuses_third_client_with_53300() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(USER, PASSWORD);
-    let mut cfg = Cfg::new(pg.port);
-    cfg.max_client_conn = 2;
-    let proxy = cfg.start();
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(cfg(pg.port).set("max_client_conn", 2));
     // Proxy::start probes the port with a bare TCP connect; let that one end.
     assert!(proxy.wait_for_log("client closed during login", Duration::from_secs(5)));
 
@@ -1317,12 +966,9 @@ async fn max_client_conn_refuses_third_client_with_53300() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_still_works_when_max_client_conn_is_reached() {
-    let pg = PgServer::start(PgOptions::default());
-    pg.create_user(USER, PASSWORD);
+    let pg = pg_with_app(PgOptions::default(), None);
     let admin = pg.admin().await;
-    let mut cfg = Cfg::new(pg.port);
-    cfg.max_client_conn = 2;
-    let proxy = cfg.start();
+    let proxy = start(cfg(pg.port).set("max_client_conn", 2));
     assert!(proxy.wait_for_log("client closed during login", Duration::from_secs(5)));
 
     let a = connect(&proxy).await;

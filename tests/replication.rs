@@ -506,11 +506,12 @@ async fn reverse_replication_and_restore_forward() {
 
     // An activation that is aborted: forward comes back and carries on.
     catch_up(&p.b, SUB, &p.g, SUB).await;
-    let sp = repl::activate_reverse(&p.g, &p.b, SUB, &names, WAIT)
+    // Cutover step 6: forward off on green, reverse on on blue.
+    let sp = repl::switch_direction(&p.g, SUB, &p.b, &names.subscription, WAIT)
         .await
         .unwrap();
     eprintln!("TIMING activate_reverse (aborted run): {sp:?}");
-    repl::undo_activate_reverse(&p.g, &p.b, SUB, &names, WAIT)
+    repl::revert_switch(&p.b, &names.subscription, &p.g, SUB, WAIT)
         .await
         .unwrap();
     assert!(
@@ -530,7 +531,7 @@ async fn reverse_replication_and_restore_forward() {
     let pause = Instant::now();
     let (_, waited) = catch_up(&p.b, SUB, &p.g, SUB).await;
     let seqs = repl::sync_sequences(&p.b, &p.g).await.unwrap();
-    let sp = repl::activate_reverse(&p.g, &p.b, SUB, &names, WAIT)
+    let sp = repl::switch_direction(&p.g, SUB, &p.b, &names.subscription, WAIT)
         .await
         .unwrap();
     let fence = repl::fence(&p.b, &["app".to_string()]).await.unwrap();
@@ -596,7 +597,8 @@ async fn reverse_replication_and_restore_forward() {
     let (_, _) = catch_up(&p.g, &names.slot, &p.b, &names.subscription).await;
     repl::sync_sequences(&p.g, &p.b).await.unwrap();
     repl::unfence(&p.b, &fence).await.unwrap();
-    let sp = repl::restore_forward(&p.b, &p.g, SUB, &names, WAIT)
+    // After a fallback: reverse off on blue, forward back on on green.
+    let sp = repl::switch_direction(&p.b, &names.subscription, &p.g, SUB, WAIT)
         .await
         .unwrap();
     eprintln!("TIMING restore_forward: {sp:?}");

@@ -114,9 +114,7 @@ fn start_pg(tls: Option<(&Certs, &str)>) -> PgServer {
             format!("ssl_key_file = '{}'", certs.path(name, "key").display()),
         ];
     }
-    let pg = PgServer::start(opts);
-    pg.create_user(USER, PASSWORD);
-    pg.create_db(DB, Some(USER));
+    let pg = pg_with_app(opts, Some(DB));
     if tls.is_some() {
         std::fs::write(
             pg.data_dir.join("pg_hba.conf"),
@@ -125,18 +123,11 @@ fn start_pg(tls: Option<(&Certs, &str)>) -> PgServer {
         .unwrap();
         pg.psql("SELECT pg_reload_conf()");
         // The reload is asynchronous: wait until plaintext logins are refused.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = psql(pg.port, "sslmode=disable", "SELECT 1", &[]);
-            if !out.ok {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "hostssl-only pg_hba.conf not in effect"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_sync(
+            Duration::from_secs(10),
+            "hostssl-only pg_hba.conf not in effect",
+            || !psql(pg.port, "sslmode=disable", "SELECT 1", &[]).ok,
+        );
     }
     pg
 }
@@ -147,31 +138,28 @@ struct ProxyTls<'a> {
     backend_host: &'a str,
 }
 
-fn proxy_toml(listen: u16, backend_port: u16, tls: &ProxyTls) -> String {
-    let mut out =
-        format!("[proxy]\nlisten = \"127.0.0.1:{listen}\"\nserver_connect_timeout = \"5s\"\n");
-    for (k, v) in tls.proxy {
-        out.push_str(&format!("{k} = {v}\n"));
-    }
-    out.push_str(&format!(
-        "\n[backends.blue]\nhost = \"{}\"\nport = {backend_port}\n",
-        tls.backend_host
-    ));
-    for (k, v) in tls.backend {
-        out.push_str(&format!("{k} = {v}\n"));
-    }
-    out.push_str(&format!(
-        "\n[[users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
-    ));
-    out
-}
-
 fn quoted(path: &Path) -> String {
     format!("\"{}\"", path.display())
 }
 
+fn path_str(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// The proxy in front of `backend_port`, as app/secret; `tls` values are
+/// plain strings (quoted by [`ProxyConfig`]).
 fn start_proxy(backend_port: u16, tls: &ProxyTls) -> Proxy {
-    Proxy::start(&proxy_toml(free_port(), backend_port, tls))
+    let mut cfg = ProxyConfig::new(backend_port)
+        .set("server_connect_timeout", "5s")
+        .backend_host(tls.backend_host)
+        .user(USER, PASSWORD);
+    for (k, v) in tls.proxy {
+        cfg = cfg.set(k, v);
+    }
+    for (k, v) in tls.backend {
+        cfg = cfg.backend_set(k, v);
+    }
+    cfg.start()
 }
 
 // ---------------------------------------------------------------- psql
@@ -344,8 +332,8 @@ async fn client_tls_with_psql_sslmode_require_and_verify_full() {
         pg.port,
         &ProxyTls {
             proxy: &[
-                ("tls_cert", quoted(&certs.path("proxy", "crt"))),
-                ("tls_key", quoted(&certs.path("proxy", "key"))),
+                ("tls_cert", path_str(&certs.path("proxy", "crt"))),
+                ("tls_key", path_str(&certs.path("proxy", "key"))),
             ],
             backend: &[],
             backend_host: "127.0.0.1",
@@ -439,9 +427,9 @@ async fn client_tls_require_refuses_plaintext_with_fatal() {
         pg.port,
         &ProxyTls {
             proxy: &[
-                ("tls_cert", quoted(&certs.path("proxy", "crt"))),
-                ("tls_key", quoted(&certs.path("proxy", "key"))),
-                ("client_tls", "\"require\"".into()),
+                ("tls_cert", path_str(&certs.path("proxy", "crt"))),
+                ("tls_key", path_str(&certs.path("proxy", "key"))),
+                ("client_tls", "require".into()),
             ],
             backend: &[],
             backend_host: "127.0.0.1",
@@ -477,22 +465,18 @@ async fn server_tls_modes_against_a_backend_that_requires_tls() {
     let dir = cert_dir();
     let certs = Certs::generate(dir.path(), "pg");
     let pg = start_pg(Some((&certs, "pg")));
-    let ca = quoted(&dir.path().join("pg-ca.pem"));
+    let ca = path_str(&dir.path().join("pg-ca.pem"));
     // Sanity: the backend itself refuses plaintext, accepts TLS.
     assert_eq!(psql_ok(pg.port, "sslmode=require", SERVER_SIDE_SSL), "t");
 
     type Case<'a> = (&'a str, Vec<(&'a str, String)>, bool);
     let cases: Vec<Case> = vec![
-        (
-            "127.0.0.1",
-            vec![("server_tls", "\"require\"".into())],
-            true,
-        ),
+        ("127.0.0.1", vec![("server_tls", "require".into())], true),
         ("127.0.0.1", vec![], true), // prefer: TLS when offered
         (
             "localhost",
             vec![
-                ("server_tls", "\"verify-full\"".into()),
+                ("server_tls", "verify-full".into()),
                 ("server_tls_ca", ca.clone()),
             ],
             true,
@@ -500,7 +484,7 @@ async fn server_tls_modes_against_a_backend_that_requires_tls() {
         (
             "127.0.0.1",
             vec![
-                ("server_tls", "\"verify-full\"".into()),
+                ("server_tls", "verify-full".into()),
                 ("server_tls_ca", ca.clone()),
             ],
             true,
@@ -508,16 +492,12 @@ async fn server_tls_modes_against_a_backend_that_requires_tls() {
         (
             "127.0.0.1",
             vec![
-                ("server_tls", "\"verify-ca\"".into()),
+                ("server_tls", "verify-ca".into()),
                 ("server_tls_ca", ca.clone()),
             ],
             true,
         ),
-        (
-            "127.0.0.1",
-            vec![("server_tls", "\"disable\"".into())],
-            false,
-        ),
+        ("127.0.0.1", vec![("server_tls", "disable".into())], false),
     ];
     for (host, backend, works) in cases {
         let proxy = start_proxy(
@@ -544,14 +524,14 @@ async fn server_tls_modes_against_a_backend_that_requires_tls() {
 
     // verify-full with a CA that didn't sign the server's certificate: 08006.
     let other = Certs::generate(dir.path(), "other");
-    let wrong_ca = quoted(&dir.path().join("other-ca.pem"));
+    let wrong_ca = path_str(&dir.path().join("other-ca.pem"));
     for mode in ["verify-full", "verify-ca"] {
         let proxy = start_proxy(
             pg.port,
             &ProxyTls {
                 proxy: &[],
                 backend: &[
-                    ("server_tls", format!("\"{mode}\"")),
+                    ("server_tls", mode.to_string()),
                     ("server_tls_ca", wrong_ca.clone()),
                 ],
                 backend_host: "localhost",
@@ -573,7 +553,7 @@ async fn server_tls_modes_against_a_backend_that_requires_tls() {
         plain.port,
         &ProxyTls {
             proxy: &[],
-            backend: &[("server_tls", "\"require\"".into())],
+            backend: &[("server_tls", "require".into())],
             backend_host: "127.0.0.1",
         },
     );
@@ -595,13 +575,13 @@ async fn both_legs_tls_with_pgbench() {
         pg.port,
         &ProxyTls {
             proxy: &[
-                ("tls_cert", quoted(&certs.path("pg", "crt"))),
-                ("tls_key", quoted(&certs.path("pg", "key"))),
+                ("tls_cert", path_str(&certs.path("pg", "crt"))),
+                ("tls_key", path_str(&certs.path("pg", "key"))),
                 ("default_pool_size", "4".into()),
             ],
             backend: &[
-                ("server_tls", "\"verify-full\"".into()),
-                ("server_tls_ca", quoted(&dir.path().join("pg-ca.pem"))),
+                ("server_tls", "verify-full".into()),
+                ("server_tls_ca", path_str(&dir.path().join("pg-ca.pem"))),
             ],
             backend_host: "localhost",
         },
@@ -651,9 +631,9 @@ async fn direct_tls_needs_alpn_postgresql() {
         pg.port,
         &ProxyTls {
             proxy: &[
-                ("tls_cert", quoted(&certs.path("proxy", "crt"))),
-                ("tls_key", quoted(&certs.path("proxy", "key"))),
-                ("auth_method", "\"trust\"".into()),
+                ("tls_cert", path_str(&certs.path("proxy", "crt"))),
+                ("tls_key", path_str(&certs.path("proxy", "key"))),
+                ("auth_method", "trust".into()),
             ],
             backend: &[],
             backend_host: "127.0.0.1",
@@ -697,7 +677,7 @@ async fn direct_tls_needs_alpn_postgresql() {
     let plain = start_proxy(
         pg.port,
         &ProxyTls {
-            proxy: &[("auth_method", "\"trust\"".into())],
+            proxy: &[("auth_method", "trust".into())],
             backend: &[],
             backend_host: "127.0.0.1",
         },
@@ -728,9 +708,9 @@ async fn certificate_reload_on_sighup_keeps_live_sessions() {
         pg.port,
         &ProxyTls {
             proxy: &[
-                ("tls_cert", quoted(&first.path("proxy", "crt"))),
-                ("tls_key", quoted(&first.path("proxy", "key"))),
-                ("auth_method", "\"trust\"".into()),
+                ("tls_cert", path_str(&first.path("proxy", "crt"))),
+                ("tls_key", path_str(&first.path("proxy", "key"))),
+                ("auth_method", "trust".into()),
             ],
             backend: &[],
             backend_host: "127.0.0.1",

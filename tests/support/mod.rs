@@ -6,6 +6,11 @@
 //! * [`PgServer`] – a throw-away PostgreSQL 15 or 17 server on 127.0.0.1
 //!   (template data dir initdb'd once per version and copied per server).
 //! * [`Proxy`] – the `pgswitch` binary under test, started with a TOML config.
+//! * [`ProxyConfig`] – a builder for the proxy's TOML config.
+//! * [`pg_with_app`], [`client_config`], [`connect_with`] – a server with the
+//!   `app`/`secret` role, and tokio-postgres clients.
+//! * [`wait_until`], [`wait_for`] (and `_sync` variants) – polling helpers.
+//! * [`Raw`] – a raw wire-protocol client.
 //! * [`free_port`], [`psql_bin`], [`pgbench_bin`], signal constants.
 //!
 //! Everything here is synchronous (blocking) except the client helpers
@@ -23,11 +28,19 @@
 //! * `PGSWITCH_KEEP_TEST_DIRS=1` – don't delete server/proxy dirs on drop.
 #![allow(dead_code, unused_imports)]
 
+mod client;
+mod config;
 mod pg;
 mod proxy;
+mod wait;
+mod wire;
 
+pub use client::*;
+pub use config::*;
 pub use pg::*;
 pub use proxy::*;
+pub use wait::*;
+pub use wire::*;
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};

@@ -457,14 +457,7 @@ impl PgServer {
 
     /// tokio-postgres config for a TCP connection to this server.
     pub fn config(&self, user: &str, password: &str, db: &str) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.port)
-            .user(user)
-            .password(password)
-            .dbname(db)
-            .connect_timeout(Duration::from_secs(10));
-        c
+        client_config(self.port, user, Some(password), db)
     }
 
     /// Connects over TCP (127.0.0.1:port, so pg_hba's `<auth>` applies) and
