@@ -1,4 +1,4 @@
-//! Replication control: the SQL side of a cutover (issue 9), over ordinary
+//! Replication control: the SQL side of a cutover, over ordinary
 //! admin connections (`tokio-postgres`; the data plane stays hand-written).
 //!
 //! What the cutover procedure calls, in its order:
@@ -9,9 +9,10 @@
 //!   creating a slot costs tens of milliseconds, so never inside the pause);
 //! * inside the pause: [`flush_and_mark`] on the old side, [`wait_applied`]
 //!   until the new side has applied it, [`sync_sequences`],
-//!   [`activate_reverse`], [`fence`];
-//! * aborts: [`undo_activate_reverse`], [`unfence`], [`undo_prepare_reverse`];
-//! * after a fallback: [`restore_forward`] (and [`undo_restore_forward`]);
+//!   [`switch_direction`] (forward off, reverse on, from one switch point),
+//!   [`fence`];
+//! * aborts: [`revert_switch`], [`unfence`], [`undo_prepare_reverse`];
+//! * after a fallback: [`switch_direction`] back (reverse off, forward on);
 //! * all the time: [`watch_lag`], the lag a cutover would wait for.
 //!
 //! Every function takes `&tokio_postgres::Client` connected as a superuser
@@ -30,9 +31,8 @@ pub use catchup::{
     flush_and_mark, replication_lag, subscription_status, wait_applied, Lag, SubscriptionStatus,
 };
 pub use direction::{
-    activate_reverse, advance_unused_slot, prepare_reverse, restore_forward, revert_switch,
-    switch_direction, undo_activate_reverse, undo_prepare_reverse, undo_restore_forward, Prepared,
-    ReverseNames, SwitchPoint,
+    advance_unused_slot, prepare_reverse, revert_switch, switch_direction, undo_prepare_reverse,
+    Prepared, ReverseNames, SwitchPoint,
 };
 pub use fence::{apply_fence, fence, plan_fence, unfence, Fence, RoleFence};
 pub use lsn::Lsn;
