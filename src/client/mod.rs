@@ -3,6 +3,7 @@
 //! server connection.
 
 mod handshake;
+mod io;
 mod pipeline;
 mod session;
 mod translate;
