@@ -252,11 +252,9 @@ impl ServerConn {
         body: &[u8],
         scram: &mut Option<ScramLogin>,
     ) -> Result<(), ServerError> {
-        if body.len() < 4 {
+        let Some((code, data)) = messages::split_authentication(body) else {
             return Err(self.protocol_error("short authentication message".into()));
-        }
-        let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-        let data = &body[4..];
+        };
         let password = |method: &'static str| match &login.credentials {
             Credentials::Password(password) => Ok(password.as_str()),
             Credentials::None => Err(ServerError::NoPassword {

@@ -172,6 +172,13 @@ pub fn split_name(body: &[u8]) -> Result<(&[u8], &[u8]), PgError> {
     Ok((name, rest))
 }
 
+/// An Authentication message body: its request code and what follows.
+#[inline]
+pub fn split_authentication(body: &[u8]) -> Option<(i32, &[u8])> {
+    let (code, data) = body.split_first_chunk::<4>()?;
+    Some((i32::from_be_bytes(*code), data))
+}
+
 /// The parts of a Bind body.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BindParts<'a> {
