@@ -22,11 +22,11 @@ use crate::session_params::{ParamSet, Reported};
 use crate::tls::{ClientTls, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
 
 /// Serves one client connection to its end, and logs how it ended.
-pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
-    let id = app.next_client_id();
-    let _count = app.count_client();
-    let login_timeout = app.config().proxy.client_login_timeout;
+    let id = data.next_client_id();
+    let _count = data.count_client();
+    let login_timeout = data.config().proxy.client_login_timeout;
     let deadline = tokio::time::Instant::now() + login_timeout;
     let timed_out = || {
         PgError::fatal(
@@ -34,7 +34,7 @@ pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
             "login timed out (client_login_timeout)",
         )
     };
-    let tls = app.client_tls();
+    let tls = data.client_tls();
     let (mut conn, failure) =
         // The login futures are boxed: they are large and short-lived, and an
         // idle client should only keep the session's own state.
@@ -46,7 +46,7 @@ pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
         };
     let failure = match (conn.as_mut(), failure) {
         (Some(conn), None) => {
-            match tokio::time::timeout_at(deadline, Box::pin(login(&app, &tls, conn, id, peer)))
+            match tokio::time::timeout_at(deadline, Box::pin(login(&data, &tls, conn, id, peer)))
                 .await
             {
                 Ok(Ok(None)) => return, // a cancel request: nothing to log per connection
@@ -64,14 +64,14 @@ pub async fn serve(app: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
             let conn = conn.unwrap_or_else(|| unreachable!("logged in without a connection"));
             let key = established.pool_key.clone();
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, "client connected");
-            let reason = Box::pin(Session::new(app, conn, established).run()).await;
+            let reason = Box::pin(Session::new(data, conn, established).run()).await;
             let duration_ms = started.elapsed().as_millis() as u64;
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, duration_ms, %reason, "client closed");
             return;
         }
         Err(e) => e,
     };
-    let (reply, reason) = failure.into_reply(&app.metrics);
+    let (reply, reason) = failure.into_reply(&data.metrics);
     if let (Some(e), Some(conn)) = (reply, conn.as_mut()) {
         conn.send_error(&e).await;
     }
@@ -187,7 +187,7 @@ async fn start_tls(
 }
 
 async fn login(
-    app: &Arc<DataPlane>,
+    data: &Arc<DataPlane>,
     tls: &ClientTls,
     conn: &mut ClientConn,
     id: u32,
@@ -202,7 +202,7 @@ async fn login(
             .into())
         }
         StartupPacket::Cancel { pid, secret } => {
-            app.cancels.cancel(pid, secret).await;
+            data.cancels.cancel(pid, secret).await;
             return Ok(None);
         }
         StartupPacket::Startup { version, params } => (version, params),
@@ -227,8 +227,8 @@ async fn login(
         .into());
     }
     negotiate_version(conn, version, &params).await?;
-    let config = app.config();
-    if app.client_count() > config.proxy.max_client_conn {
+    let config = data.config();
+    if data.client_count() > config.proxy.max_client_conn {
         return Err(PgError::fatal(
             sqlstate::TOO_MANY_CONNECTIONS,
             format!(
@@ -238,7 +238,7 @@ async fn login(
         )
         .into());
     }
-    if app.is_shutting_down() {
+    if data.is_shutting_down() {
         return Err(
             PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "the proxy is shutting down").into(),
         );
@@ -260,13 +260,13 @@ async fn login(
         .unwrap_or_else(|| user.clone());
     let raw_params = ParamSet::from_startup(&params)?;
 
-    let secrets = app.secrets();
+    let secrets = data.secrets();
     // Users missing from [[users]] are looked up on the active backend. An
     // unknown user is looked up too (and cached as unknown), so a found and a
     // missing user take the same path.
     let looked_up = if config.auth_query_enabled() && !secrets.contains(&user) {
-        let addr = app.switch.active().addr.clone();
-        app.auth_query
+        let addr = data.switch.active().addr.clone();
+        data.auth_query
             .lookup(&addr, &config, &user)
             .await
             .map_err(|e| {
@@ -280,20 +280,20 @@ async fn login(
         crate::auth::authenticate(conn, config.proxy.auth_method, &user, &secrets, looked_up)
             .await?;
     if let Some(keys) = keys {
-        app.remember_client_keys(&user, keys);
+        data.remember_client_keys(&user, keys);
     }
 
     // New sessions wait at the gate during a cutover, like new transactions.
-    let in_flight = app.switch.enter().await;
-    let backend = app.switch.active();
+    let in_flight = data.switch.enter().await;
+    let backend = data.switch.active();
     let pool_key = PoolKey { database, user };
-    let pool = app.pool_for(&backend, &pool_key);
+    let pool = data.pool_for(&backend, &pool_key);
     let mode = config.pool_mode_for(config.user(&pool_key.user));
     let raw_params = Arc::new(raw_params);
     let (params, reported) = login_params(&pool, &raw_params).await?;
     drop(in_flight);
 
-    let cancel = app.cancels.register(id);
+    let cancel = data.cancels.register(id);
     let mut out = BytesMut::with_capacity(512);
     for (name, value) in &reported {
         messages::parameter_status(&mut out, name, value);

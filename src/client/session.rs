@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
-
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
@@ -54,7 +53,7 @@ const HIGH_WATER: usize = 256 * 1024;
 pub type CloseReason = &'static str;
 
 pub struct Session {
-    app: Arc<DataPlane>,
+    data: Arc<DataPlane>,
     client: ClientStream,
     cbuf: BytesMut,
     to_client: BytesMut,
@@ -94,9 +93,9 @@ enum Closed {
 }
 
 impl Session {
-    pub fn new(app: Arc<DataPlane>, conn: ClientConn, login: Established) -> Session {
+    pub fn new(data: Arc<DataPlane>, conn: ClientConn, login: Established) -> Session {
         Session {
-            app,
+            data,
             client: conn.stream,
             cbuf: conn.buf,
             to_client: BytesMut::new(),
@@ -126,7 +125,7 @@ impl Session {
         let reason = match self.serve().await {
             Ok(reason) => reason.to_owned(),
             Err(failure) => {
-                let (reply, reason) = failure.into_reply(&self.app.metrics);
+                let (reply, reason) = failure.into_reply(&self.data.metrics);
                 if let Some(e) = reply {
                     self.to_client.extend_from_slice(&e.to_bytes());
                     let _ = self.flush_client().await;
@@ -157,8 +156,8 @@ impl Session {
     }
 
     async fn serve(&mut self) -> Result<CloseReason, ClientError> {
-        let mut shutdown = self.app.shutdown_signal();
-        let mut draining = self.app.switch.draining_signal();
+        let mut shutdown = self.data.shutdown_signal();
+        let mut draining = self.data.switch.draining_signal();
         let session_mode = self.mode == PoolMode::Session;
         loop {
             if self.server.is_none() && self.mode == PoolMode::Transaction {
@@ -251,7 +250,7 @@ impl Session {
                     if name.is_empty() || self.statements.contains_key(name) {
                         break;
                     }
-                    let stmt = self.app.statements.intern_scoped(&self.scope, rest);
+                    let stmt = self.data.statements.intern_scoped(&self.scope, rest);
                     if !stmt.is_validated() {
                         break;
                     }
@@ -303,10 +302,10 @@ impl Session {
     /// follows a backend swap, and brings the server's session parameters in
     /// line with the client's.
     async fn attach(&mut self) -> Result<(), ClientError> {
-        let in_flight = self.app.switch.enter().await;
-        let active = self.app.switch.active();
+        let in_flight = self.data.switch.enter().await;
+        let active = self.data.switch.active();
         if !Arc::ptr_eq(&active, &self.backend) {
-            self.pool = self.app.pool_for(&active, &self.pool_key);
+            self.pool = self.data.pool_for(&active, &self.pool_key);
             self.backend = active;
         }
         let mut server = self.pool.acquire().await?;
@@ -395,7 +394,7 @@ impl Session {
             }
             if transaction_mode {
                 let mut tx = Translator {
-                    app: &self.app,
+                    data: &self.data,
                     server: &mut *server,
                     statements: &mut self.statements,
                     scope: &self.scope,
@@ -467,7 +466,7 @@ impl Session {
                     tracing::warn!(code = %fields.code, message = %fields.message, "hidden parameter sync failed");
                     self.pipeline.note_hidden_error();
                 } else {
-                    self.app
+                    self.data
                         .metrics
                         .count_error(fields.code.get(..2).unwrap_or("XX"));
                     self.server_said_fatal |= fields.is_fatal();
@@ -478,7 +477,7 @@ impl Session {
                 && *tx_status == TxStatus::Idle
             {
                 // One transaction done: one atomic add per counter, not per message.
-                let metrics = &self.app.metrics;
+                let metrics = &self.data.metrics;
                 metrics.transactions.inc();
                 metrics.queries.inc_by(std::mem::take(&mut self.queries));
                 if let Some(started) = self.tx_started.take() {

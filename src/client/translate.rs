@@ -47,7 +47,7 @@ pub(super) enum Step {
 
 /// Rewrites one client message for the server in transaction mode.
 pub(super) struct Translator<'a> {
-    pub(super) app: &'a DataPlane,
+    pub(super) data: &'a DataPlane,
     pub(super) server: &'a mut ServerConn,
     pub(super) statements: &'a mut HashMap<Bytes, Arc<Statement>>,
     /// The client's `search_path`: statements are shared within it only.
@@ -121,7 +121,7 @@ impl Translator<'_> {
             self.pipeline.start_skip();
             return Ok(());
         }
-        let stmt = self.app.statements.intern_scoped(self.scope, rest);
+        let stmt = self.data.statements.intern_scoped(self.scope, rest);
         let name = Bytes::copy_from_slice(name);
         // Registered now, so the Bind and Describe pipelined behind the Parse
         // find it; withdrawn if the server refuses or skips the Parse.

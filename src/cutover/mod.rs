@@ -116,7 +116,7 @@ impl Controller {
     }
 
     /// Runs a cutover or fallback to its end and returns the report.
-    pub async fn run(&self, app: &DataPlane, direction: Direction, options: Options) -> Report {
+    pub async fn run(&self, data: &DataPlane, direction: Direction, options: Options) -> Report {
         let mut report = Report::new(
             direction.name(),
             direction.from(),
@@ -128,15 +128,15 @@ impl Controller {
                 Outcome::Refused,
                 Some("another cutover or fallback is running".into()),
             );
-            return self.record(app, report);
+            return self.record(data, report);
         };
-        let config = app.config().clone();
+        let config = data.config().clone();
         let timeout = options
             .timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(config.cutover.timeout);
         let mut run = Run::new(
-            app,
+            data,
             self,
             &config,
             direction,
@@ -155,24 +155,24 @@ impl Controller {
         run.resume();
         self.set_phase("idle");
         report.finish(outcome.0, outcome.1);
-        self.record(app, report)
+        self.record(data, report)
     }
 
-    fn record(&self, app: &DataPlane, report: Report) -> Report {
-        app.metrics
+    fn record(&self, data: &DataPlane, report: Report) -> Report {
+        data.metrics
             .cutovers
             .get_or_create(&crate::metrics::OutcomeLabels {
                 outcome: report.outcome.as_str(),
             })
             .inc();
         for phase in &report.phases {
-            app.metrics
+            data.metrics
                 .cutover_phase_seconds
                 .get_or_create(&crate::metrics::PhaseLabels { phase: phase.name })
                 .observe(phase.ms / 1000.0);
         }
         if let Some(pause_ms) = report.pause_ms {
-            app.metrics.pause_seconds.observe(pause_ms / 1000.0);
+            data.metrics.pause_seconds.observe(pause_ms / 1000.0);
         }
         tracing::info!(kind = report.kind, outcome = report.outcome.as_str(), from = %report.from, to = %report.to,
             pause_ms = report.pause_ms, reason = report.reason.as_deref(), "switch finished");

@@ -39,7 +39,7 @@ struct Conns {
 }
 
 pub(super) struct Run<'a> {
-    app: &'a DataPlane,
+    data: &'a DataPlane,
     controller: &'a Controller,
     config: &'a Config,
     direction: Direction,
@@ -93,7 +93,7 @@ struct Stream<'c> {
 
 impl<'a> Run<'a> {
     pub(super) fn new(
-        app: &'a DataPlane,
+        data: &'a DataPlane,
         controller: &'a Controller,
         config: &'a Config,
         direction: Direction,
@@ -101,7 +101,7 @@ impl<'a> Run<'a> {
         report: &'a mut Report,
     ) -> Run<'a> {
         Run {
-            app,
+            data,
             controller,
             config,
             direction,
@@ -154,11 +154,11 @@ impl<'a> Run<'a> {
 
     pub(super) async fn execute(&mut self, dry_run: bool) -> Result<Outcome, CutoverError> {
         let (from, to) = (self.direction.from(), self.direction.to());
-        let active = self.app.switch.active().side;
+        let active = self.data.switch.active().side;
         if active != from {
             return Err(CutoverError::Refused(format!("{active} is already active")));
         }
-        let Some(target) = self.app.backend(to) else {
+        let Some(target) = self.data.backend(to) else {
             return Err(CutoverError::Refused(format!(
                 "[backends.{to}] is not configured"
             )));
@@ -265,8 +265,8 @@ impl<'a> Run<'a> {
         };
 
         // 2. Pause.
-        self.app.switch.set_draining(true);
-        self.app.switch.gate.hold(Holder::Cutover);
+        self.data.switch.set_draining(true);
+        self.data.switch.gate.hold(Holder::Cutover);
         self.paused_at = Some(Instant::now());
 
         // 3. Drain.
@@ -276,7 +276,7 @@ impl<'a> Run<'a> {
         // fence and closed a moment after the pause: process exits cost CPU
         // the catch-up and the held transactions need more.
         let spare: Vec<i32> = self
-            .app
+            .data
             .switch
             .active()
             .pools()
@@ -399,7 +399,7 @@ impl<'a> Run<'a> {
             .state
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = next;
-        self.app.switch.swap(target);
+        self.data.switch.swap(target);
         self.undo.clear();
         Ok(Outcome::Switched)
     }
@@ -481,9 +481,9 @@ impl<'a> Run<'a> {
     /// the pause needs the rest of the time.
     async fn warm_target(&self, target: &crate::backends::Backend) {
         let mut opening = tokio::task::JoinSet::new();
-        for pool in self.app.switch.active().pools() {
+        for pool in self.data.switch.active().pools() {
             let want = pool.stats().open;
-            let new_pool = self.app.pool_for(target, &pool.key);
+            let new_pool = self.data.pool_for(target, &pool.key);
             let missing = want.saturating_sub(new_pool.stats().open);
             for _ in 0..missing {
                 let new_pool = new_pool.clone();
@@ -529,12 +529,12 @@ impl<'a> Run<'a> {
         match self.config.cutover.drain_action {
             DrainAction::Abort => Err(CutoverError::Aborted(format!(
                 "{} transaction(s) still running after drain_timeout ({})",
-                self.app.switch.in_flight(),
+                self.data.switch.in_flight(),
                 drain_timeout.as_millis()
             ))),
             DrainAction::Cancel => {
-                let old = self.app.switch.active();
-                let cancelled = self.app.cancels.cancel_all_on(&old.addr).await;
+                let old = self.data.switch.active();
+                let cancelled = self.data.cancels.cancel_all_on(&old.addr).await;
                 tracing::warn!(
                     cancelled,
                     "drain timeout: cancelled running queries on the old side"
@@ -553,7 +553,7 @@ impl<'a> Run<'a> {
     async fn wait_drained(&self, within: Duration) -> bool {
         let until = Instant::now() + within.min(self.remaining());
         loop {
-            if self.app.switch.in_flight() == 0 {
+            if self.data.switch.in_flight() == 0 {
                 return true;
             }
             if Instant::now() >= until {
@@ -605,17 +605,17 @@ impl<'a> Run<'a> {
     /// Opens the gate: held transactions run (on the new side after a swap).
     pub(super) fn resume(&mut self) {
         if let Some(paused_at) = self.paused_at.take() {
-            self.app.switch.set_draining(false);
+            self.data.switch.set_draining(false);
             // An operator's pause, if any, still holds the gate.
-            self.app.switch.gate.release(Holder::Cutover);
+            self.data.switch.gate.release(Holder::Cutover);
             self.report.pause_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
             self.report.still_paused_by_operator =
-                self.app.switch.gate.holders().contains(&Holder::Operator);
+                self.data.switch.gate.holders().contains(&Holder::Operator);
         }
         if self.report_switched() {
             // Old-side connections are closed once idle (busy ones end with
             // their sessions), after the held transactions had their turn.
-            if let Some(old) = self.app.backend(self.direction.from()) {
+            if let Some(old) = self.data.backend(self.direction.from()) {
                 tokio::spawn(async move {
                     tokio::time::sleep(OLD_SIDE_GRACE).await;
                     for pool in old.pools() {
@@ -627,7 +627,7 @@ impl<'a> Run<'a> {
     }
 
     fn report_switched(&self) -> bool {
-        self.app.switch.active().side == self.direction.to()
+        self.data.switch.active().side == self.direction.to()
     }
 }
 
