@@ -173,8 +173,19 @@ async fn catch_up_is_exact_under_concurrent_writes() {
     for _ in 0..4 {
         writers.push(Arc::new(p.blue.connect("app", "app", "app").await));
     }
-    let row = p.b.query_one("SHOW synchronous_commit", &[]).await.unwrap();
+    // The servers run with synchronous_commit = off, as many production
+    // servers do; pgswitch's own control connections commit durably.
+    let row = writers[0]
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, String>(0), "off");
+    let row = p.b.query_one("SHOW synchronous_commit", &[]).await.unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "on",
+        "control connections commit durably"
+    );
 
     let (mut idle_after_gate, mut busy) = (Vec::new(), Vec::new());
     let mut total = 0usize;

@@ -152,6 +152,11 @@ pub async fn connect(
         .password(password)
         .dbname(dbname)
         .application_name(APPLICATION_NAME)
+        // The control statements (subscription switches, fences, setval) must
+        // survive a crash of their server once pgswitch counts them done: a
+        // server running synchronous_commit = off could lose them after the
+        // swap and leave both directions enabled.
+        .options("-c synchronous_commit=on")
         .connect_timeout(timeout);
     let attempt = config.connect(tokio_postgres::NoTls);
     match tokio::time::timeout(timeout, attempt).await {
