@@ -274,7 +274,13 @@ impl Session {
                         break;
                     };
                     if let Some(reset) = reset {
-                        self.statement_state().reset(reset);
+                        reset_statements(
+                            reset,
+                            &mut self.statements,
+                            &mut self.params,
+                            &self.startup_params,
+                            &mut self.scope,
+                        );
                     }
                     Some(Synthetic::Command(tag))
                 }
@@ -287,15 +293,6 @@ impl Session {
         }
         self.cbuf.advance(pos);
         Ok(())
-    }
-
-    fn statement_state(&mut self) -> StatementState<'_> {
-        StatementState {
-            statements: &mut self.statements,
-            params: &mut self.params,
-            startup_params: &self.startup_params,
-            scope: &mut self.scope,
-        }
     }
 
     /// Takes a server connection for the next transaction: passes the gate,
@@ -404,13 +401,13 @@ impl Session {
                 };
                 match tx.translate(h.tag, frame)? {
                     Step::Done => {}
-                    Step::Reset(reset) => StatementState {
-                        statements: &mut self.statements,
-                        params: &mut self.params,
-                        startup_params: &self.startup_params,
-                        scope: &mut self.scope,
-                    }
-                    .reset(reset),
+                    Step::Reset(reset) => reset_statements(
+                        reset,
+                        &mut self.statements,
+                        &mut self.params,
+                        &self.startup_params,
+                        &mut self.scope,
+                    ),
                     Step::Wait => {
                         // Taken again once the server has answered.
                         self.waiting = true;
@@ -606,24 +603,20 @@ impl Session {
     }
 }
 
-/// What DEALLOCATE ALL and DISCARD ALL reset (borrowed apart from the rest
-/// of the session, which may hold the server at the same time).
-struct StatementState<'a> {
-    statements: &'a mut HashMap<Bytes, Arc<Statement>>,
-    params: &'a mut Arc<ParamSet>,
-    startup_params: &'a Arc<ParamSet>,
-    scope: &'a mut Bytes,
-}
-
-impl StatementState<'_> {
-    /// DEALLOCATE ALL forgets the client's statements; DISCARD ALL also
-    /// brings back its startup parameters.
-    fn reset(self, reset: Reset) {
-        self.statements.clear();
-        if reset == Reset::DiscardAll {
-            *self.params = self.startup_params.clone();
-            *self.scope = statement_scope(self.params);
-        }
+/// DEALLOCATE ALL forgets the client's statements; DISCARD ALL also brings
+/// back its startup parameters. (Fields, not the session: the caller may hold
+/// the session's server at the same time.)
+fn reset_statements(
+    reset: Reset,
+    statements: &mut HashMap<Bytes, Arc<Statement>>,
+    params: &mut Arc<ParamSet>,
+    startup_params: &Arc<ParamSet>,
+    scope: &mut Bytes,
+) {
+    statements.clear();
+    if reset == Reset::DiscardAll {
+        *params = startup_params.clone();
+        *scope = statement_scope(params);
     }
 }
 
