@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pgswitch::config::{Config, LogFormat};
+use pgswitch::config::{Config, LogFormat, Side};
 use pgswitch::data_plane::{LoadError, TlsSetup};
 use pgswitch::runtime::Runtime;
 use tracing_subscriber::EnvFilter;
@@ -43,6 +43,16 @@ enum Command {
     Pause(AdminArgs),
     /// Release held transactions.
     Resume(AdminArgs),
+    /// With pgswitch stopped: bring both servers to the state file's answer
+    /// (undo a switch a crash interrupted), or make --active the active side.
+    Recover {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Make this side active, whatever the state file says (when
+        /// pgswitch refused to start because the servers contradict it).
+        #[arg(long, value_parser = ["blue", "green"])]
+        active: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -144,6 +154,71 @@ fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
     builder
 }
 
+/// `pgswitch check-config`: the file, its TLS files, and that the state
+/// file can be written where it is configured.
+fn check_config(path: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(path)
+        .map_err(LoadError::from)
+        .map_err(|e| e.to_string())?;
+    TlsSetup::load(&config).map_err(|e| e.to_string())?;
+    if let Some(state_file) = &config.cutover.state_file {
+        pgswitch::cutover::state::check_writable(state_file).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// `pgswitch recover`: one reconcile against both servers, offline.
+fn recover(path: &std::path::Path, active: Option<&str>) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("pgswitch: {e}");
+        ExitCode::FAILURE
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let force = active.map(|a| {
+        if a == "green" {
+            Side::Green
+        } else {
+            Side::Blue
+        }
+    });
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    runtime.block_on(async {
+        let recovery = match pgswitch::cutover::Recovery::open(&config) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        let before = recovery.controller.persisted();
+        if let Some(intent) = &before.intent {
+            println!(
+                "unfinished {} {} -> {} (started at unix ms {}): undoing it",
+                intent.kind, intent.from, intent.to, intent.started_at_ms
+            );
+        }
+        match recovery.controller.recover(&config, force).await {
+            Ok(changes) => {
+                for change in &changes {
+                    println!("  {change}");
+                }
+                if changes.is_empty() {
+                    println!("  nothing to change");
+                }
+                println!("{} is active", recovery.controller.persisted().active);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -162,10 +237,8 @@ fn main() -> ExitCode {
             "/fallback",
             Some(switch_body(&args)),
         ),
-        Command::CheckConfig { config } => match Config::load(&config)
-            .map_err(LoadError::from)
-            .and_then(|c| TlsSetup::load(&c))
-        {
+        Command::Recover { config, active } => recover(&config, active.as_deref()),
+        Command::CheckConfig { config } => match check_config(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS

@@ -14,7 +14,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::{AdminError, AdminState};
 use crate::config::{Config, Side};
-use crate::cutover::state::{self, PersistedState, StateError};
+use crate::cutover::recover::RecoverError;
+use crate::cutover::state::{self, StateError};
 use crate::cutover::Controller;
 use crate::data_plane::{DataPlane, LoadError};
 use crate::replication::LagWatch;
@@ -34,6 +35,8 @@ pub enum StartError {
     Admin(AdminError),
     #[error(transparent)]
     State(StateError),
+    #[error("{0}")]
+    Recover(String),
 }
 
 /// A running pgswitch: the data plane and the control plane over it.
@@ -42,6 +45,8 @@ pub struct Runtime {
     pub cutover: Arc<Controller>,
     pub lag: Arc<LagWatch>,
     config_path: PathBuf,
+    /// Held for the process's life: one pgswitch per state file.
+    _state_lock: Option<std::fs::File>,
 }
 
 impl Runtime {
@@ -50,11 +55,8 @@ impl Runtime {
     /// silently goes back.
     pub fn new(config: Config, config_path: PathBuf) -> Result<Runtime, StartError> {
         let state_file = config.cutover.state_file.clone();
-        let persisted = match &state_file {
-            Some(path) => state::load(path).map_err(StartError::State)?,
-            None => None,
-        }
-        .unwrap_or_else(|| PersistedState::new(config.cutover.active));
+        let (persisted, state_lock) =
+            state::open(state_file.as_deref(), config.cutover.active).map_err(StartError::State)?;
         if persisted.active == Side::Green && config.backends.green.is_none() {
             return Err(StartError::State(StateError::Inconsistent(
                 "the state file says green is active, but [backends.green] is not configured"
@@ -67,6 +69,7 @@ impl Runtime {
             cutover: Arc::new(Controller::new(persisted, state_file)),
             lag: Arc::new(LagWatch::default()),
             config_path,
+            _state_lock: state_lock,
         })
     }
 
@@ -79,6 +82,7 @@ impl Runtime {
         let admin = crate::admin::bind(admin_addr)
             .await
             .map_err(StartError::Admin)?;
+        self.reconcile_at_start(&config).await?;
         let listener = bind(config.proxy.listen)?;
         tracing::info!(listen = %config.proxy.listen, active = %data.switch.active().side, mode = ?config.proxy.pool_mode, client_tls = data.client_tls().describe(), "pgswitch listening");
         if config.proxy.auth_method == crate::config::AuthMethod::Trust {
@@ -98,6 +102,8 @@ impl Runtime {
         });
         tokio::spawn(crate::admin::serve(admin_state, admin));
         tokio::spawn(housekeeping(data.clone()));
+        let (cutover, upkeep_data) = (self.cutover.clone(), data.clone());
+        tokio::spawn(async move { cutover.keep_reconciled(&upkeep_data).await });
         tokio::spawn(crate::replication::watch_lag(
             data.clone(),
             self.lag.clone(),
@@ -126,6 +132,40 @@ impl Runtime {
         drop(listener);
         shutdown(data).await;
         Ok(())
+    }
+}
+
+impl Runtime {
+    /// Before taking clients: brings the servers to the state file's answer
+    /// (undoing a switch that a crash interrupted). When a side does not
+    /// answer, serves anyway and keeps retrying; when the servers contradict
+    /// the state file, refuses to start.
+    async fn reconcile_at_start(&self, config: &Config) -> Result<(), StartError> {
+        if !crate::cutover::manages_replication(config) {
+            return Ok(());
+        }
+        if let Some(intent) = self.cutover.persisted().intent {
+            tracing::warn!(kind = intent.kind, from = %intent.from, to = %intent.to, started_at_ms = intent.started_at_ms,
+                "found an unfinished switch in the state file: undoing it");
+        }
+        match self.cutover.recover(config, None).await {
+            Ok(changes) if changes.is_empty() => {
+                tracing::info!("the servers match the state file");
+                Ok(())
+            }
+            Ok(changes) => {
+                for change in &changes {
+                    tracing::warn!(change, "reconciled");
+                }
+                Ok(())
+            }
+            Err(RecoverError::Undecidable(why)) => Err(StartError::Recover(why)),
+            Err(e) => {
+                tracing::error!(error = %e, active = %self.cutover.persisted().active,
+                    "could not reconcile the servers with the state file; serving and retrying");
+                Ok(())
+            }
+        }
     }
 }
 

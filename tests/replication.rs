@@ -522,9 +522,11 @@ async fn reverse_replication_and_restore_forward() {
         .await
         .unwrap();
     eprintln!("TIMING activate_reverse (aborted run): {sp:?}");
-    repl::revert_switch(&p.b, &names.subscription, &p.g, SUB, WAIT)
+    // The abort's undo (cutover::recover): reverse off, forward back on.
+    assert!(repl::stop_subscription(&p.b, &names.subscription, WAIT)
         .await
-        .unwrap();
+        .unwrap());
+    assert!(repl::start_subscription(&p.g, SUB).await.unwrap());
     assert!(
         !repl::subscription_status(&p.b, &names.subscription)
             .await
@@ -639,10 +641,13 @@ async fn reverse_replication_and_restore_forward() {
             .enabled
     );
 
-    // Undo the preparation: everything it created is gone.
-    repl::undo_prepare_reverse(&p.g, &p.b, &names, &prep)
+    // Drop the idle reverse direction: everything prepare created is gone.
+    let dropped = repl::drop_reverse(&p.g, &p.b, &names).await.unwrap();
+    assert_eq!(dropped.len(), 3, "{dropped:?}");
+    assert!(repl::drop_reverse(&p.g, &p.b, &names)
         .await
-        .unwrap();
+        .unwrap()
+        .is_empty());
     assert!(
         !repl::subscription_status(&p.b, &names.subscription)
             .await

@@ -99,6 +99,20 @@ pub fn render(value: &serde_json::Value) -> String {
                 ));
             }
         }
+        for (key, label) in [("undone", "undone"), ("undo_failures", "undo failed")] {
+            for item in value
+                .get(key)
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+            {
+                out.push_str(&format!(
+                    "  {:<18} {}\n",
+                    format!("{label}:"),
+                    item.as_str().unwrap_or("?")
+                ));
+            }
+        }
         if let Some(phases) = value.get("phases").and_then(|v| v.as_array()) {
             out.push_str("  phases:\n");
             for phase in phases {

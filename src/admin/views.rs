@@ -54,6 +54,8 @@ pub fn status(app: &AdminState) -> serde_json::Value {
         "paused": gate.is_closed(),
         "paused_by": gate.holders().iter().map(|h| h.as_str()).collect::<Vec<_>>(),
         "phase": app.cutover.phase(),
+        "unfinished_switch": app.cutover.persisted().intent,
+        "unreconciled": app.cutover.unreconciled(),
         "replication_lag": app.lag.get(),
         "clients": data.client_count(),
         "pools": pools,

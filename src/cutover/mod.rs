@@ -9,18 +9,31 @@
 //! switch, fencing, then the swap and the state file (the commit point).
 //! Any failure before the commit point undoes what was done and resumes on
 //! the old side.
+//!
+//! Crash safety: the switch's intent goes into the state file before it
+//! touches either server, and every control statement commits durably on
+//! its server (`synchronous_commit = on` on the control connections) before
+//! the commit point. A restart that finds an intent brings both servers
+//! back to the side the switch left ([`recover`]); one that finds none
+//! checks that the servers match the state file, and refuses to serve when
+//! they contradict it.
 
+pub mod fault;
+pub mod recover;
 pub mod report;
 mod run;
 pub mod state;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::config::Side;
+use tokio_postgres::Client;
+
+use crate::config::{Config, Side};
 use crate::data_plane::DataPlane;
 use crate::replication;
+use recover::{Changes, RecoverError, Sides};
 pub use report::{Outcome, Report};
 use run::Run;
 use state::PersistedState;
@@ -82,9 +95,76 @@ pub struct Controller {
     history: Mutex<Vec<Report>>,
     state: Mutex<PersistedState>,
     state_file: Option<PathBuf>,
+    /// Set while the servers may not match the state (a restart or an abort
+    /// could not finish reconciling them): the last error, retried by
+    /// [`Controller::keep_reconciled`].
+    unreconciled: Mutex<Option<String>>,
 }
 
+/// An admin connection to one side, as configured.
+pub(crate) async fn connect_side(
+    config: &Config,
+    side: Side,
+    timeout: Duration,
+) -> Result<Client, String> {
+    let backend = config
+        .backends
+        .get(side)
+        .ok_or_else(|| format!("[backends.{side}] is not configured"))?;
+    let (user, password) = backend
+        .admin_credentials()
+        .ok_or_else(|| format!("backends.{side}.admin_user is not configured"))?;
+    replication::connect(
+        &backend.host,
+        backend.port,
+        &user,
+        &password,
+        &config.replication.database,
+        timeout,
+    )
+    .await
+    .map_err(|e| format!("{side} does not answer: {e}"))
+}
+
+/// Whether pgswitch can reach both sides as an admin: the precondition of
+/// any switch, and of reconciling the servers at start.
+pub fn manages_replication(config: &Config) -> bool {
+    [Side::Blue, Side::Green].iter().all(|side| {
+        config
+            .backends
+            .get(*side)
+            .is_some_and(|b| b.admin_credentials().is_some())
+    })
+}
+
+/// `pgswitch recover`'s controller: over the state file, holding its lock
+/// so that no pgswitch starts meanwhile.
+pub struct Recovery {
+    pub controller: Controller,
+    _lock: Option<std::fs::File>,
+}
+
+impl Recovery {
+    pub fn open(config: &Config) -> Result<Recovery, state::StateError> {
+        let path = config.cutover.state_file.clone();
+        let (state, lock) = state::open(path.as_deref(), config.cutover.active)?;
+        Ok(Recovery {
+            controller: Controller::new(state, path),
+            _lock: lock,
+        })
+    }
+}
+
+/// How long one reconcile may take (connections included).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(10);
+
 const HISTORY: usize = 100;
+
+/// How often an unfinished reconcile is retried.
+const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How often the idle forward slot is advanced while green is active.
+const ADVANCE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long after a switch the old side's idle connections are closed.
 const OLD_SIDE_GRACE: Duration = Duration::from_millis(500);
@@ -97,6 +177,131 @@ impl Controller {
             history: Mutex::new(Vec::new()),
             state: Mutex::new(state),
             state_file,
+            unreconciled: Mutex::new(None),
+        }
+    }
+
+    /// Why the servers may not match the state file, while that is so.
+    pub fn unreconciled(&self) -> Option<String> {
+        self.unreconciled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_unreconciled(&self, why: Option<String>) {
+        *self.unreconciled.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Brings both servers to the state file's answer — the side an
+    /// unfinished switch left, or the active side — or to `force`, and
+    /// records the result (without an intent). Without `force` it first
+    /// refuses a state the servers contradict ([`recover::check_evidence`]).
+    /// Returns what it changed.
+    pub async fn recover(
+        &self,
+        config: &Config,
+        force: Option<Side>,
+    ) -> Result<Changes, RecoverError> {
+        let state = self.persisted();
+        let target = force
+            .or(state.intent.as_ref().map(|i| i.from))
+            .unwrap_or(state.active);
+        let connect = |side| async move {
+            connect_side(config, side, RECONCILE_TIMEOUT)
+                .await
+                .map_err(|e| RecoverError::Side {
+                    side,
+                    source: replication::ReplicationError::InvalidState(e),
+                })
+        };
+        let (blue, green) = tokio::try_join!(connect(Side::Blue), connect(Side::Green))?;
+        let sides = Sides {
+            blue: &blue,
+            green: &green,
+        };
+        if force.is_none() {
+            let path = self
+                .state_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(none: [cutover] active)".into());
+            recover::check_evidence(&state, &sides, &path).await?;
+        }
+        let mut changes = Changes::new();
+        let result = async {
+            recover::reconcile(
+                config,
+                &state,
+                target,
+                &sides,
+                RECONCILE_TIMEOUT,
+                &mut changes,
+            )
+            .await?;
+            changes.extend(recover::clean_up(target, &sides).await?);
+            Ok::<(), RecoverError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.set_unreconciled(Some(e.to_string()));
+            return Err(e);
+        }
+        let mut next = state;
+        next.active = target;
+        next.intent = None;
+        next.fences.remove(target.as_str());
+        self.store(next)
+            .map_err(|e| RecoverError::Undecidable(e.to_string()))?;
+        self.set_unreconciled(None);
+        Ok(changes)
+    }
+
+    /// Writes the state file (when configured) and then the state in memory.
+    fn store(&self, next: PersistedState) -> Result<(), state::StateError> {
+        if let Some(path) = &self.state_file {
+            state::store(path, &next)?;
+        }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The control plane's upkeep, for ever: retries [`Controller::recover`]
+    /// while the servers may not match the state, and keeps the idle
+    /// direction's slot advanced while green is active. Never beside a switch.
+    pub async fn keep_reconciled(&self, data: &DataPlane) {
+        let mut tick = tokio::time::interval(RETRY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since_advance = Duration::MAX;
+        loop {
+            tick.tick().await;
+            let Ok(_running) = self.running.try_lock() else {
+                continue;
+            };
+            let config = data.config().clone();
+            if !manages_replication(&config) {
+                continue;
+            }
+            if self.unreconciled().is_some() || self.persisted().intent.is_some() {
+                match self.recover(&config, None).await {
+                    Ok(changes) => {
+                        tracing::warn!(?changes, "the servers match the state file again")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reconciling the servers failed; retrying")
+                    }
+                }
+                continue;
+            }
+            since_advance = since_advance.saturating_add(RETRY_INTERVAL);
+            if self.persisted().active == Side::Green && since_advance >= ADVANCE_INTERVAL {
+                since_advance = Duration::ZERO;
+                if let Ok(blue) = connect_side(&config, Side::Blue, RECONCILE_TIMEOUT).await {
+                    if let Err(e) = recover::keep_idle_slot_advanced(&config, &blue).await {
+                        tracing::warn!(error = %e, "could not advance the idle forward slot on blue");
+                    }
+                }
+            }
         }
     }
 
@@ -135,14 +340,7 @@ impl Controller {
             .timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(config.cutover.timeout);
-        let mut run = Run::new(
-            data,
-            self,
-            &config,
-            direction,
-            Instant::now() + timeout,
-            &mut report,
-        );
+        let mut run = Run::new(data, self, &config, direction, timeout, &mut report);
         let result = run.execute(options.dry_run).await;
         let outcome = match result {
             Ok(outcome) => (outcome, None),
@@ -153,6 +351,7 @@ impl Controller {
             }
         };
         run.resume();
+        run.after_resume(outcome.0).await;
         self.set_phase("idle");
         report.finish(outcome.0, outcome.1);
         self.record(data, report)

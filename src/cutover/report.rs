@@ -57,6 +57,10 @@ pub struct Report {
     /// Where the other direction of replication starts.
     pub switch_lsn: Option<String>,
     pub sequences_synced: usize,
+    /// What an abort undid on the servers, and the objects a switch dropped
+    /// afterwards (the idle direction after a fallback).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub undone: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub undo_failures: Vec<String>,
 }
@@ -82,6 +86,7 @@ impl Report {
             target_lsn: None,
             switch_lsn: None,
             sequences_synced: 0,
+            undone: Vec::new(),
             undo_failures: Vec::new(),
         }
     }

@@ -5,29 +5,21 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::recover::{self, Changes, Sides};
 use super::report::Outcome;
-use super::{state, Controller, CutoverError, Direction, Report, OLD_SIDE_GRACE};
+use super::state::{self, Intent, PersistedState};
+use super::{fault, Controller, CutoverError, Direction, Report, OLD_SIDE_GRACE};
 use crate::config::{Config, DrainAction, Side};
 use crate::data_plane::DataPlane;
-use crate::replication::{self, Fence, Lsn, ReverseNames};
+use crate::replication::{self, Lsn, ReverseNames};
 use crate::switch::Holder;
 
-/// What to undo on abort, most recent last.
-enum Undo {
-    Fenced {
-        side: Side,
-        fence: Fence,
-    },
-    Unfenced {
-        side: Side,
-        roles: Vec<String>,
-    },
-    /// `stopped` (on the new side) was disabled and `started` (on the old side) enabled.
-    DirectionSwitched {
-        stopped: String,
-        started: String,
-    },
-}
+/// How long a preflight waits for the apply worker of a subscription that
+/// is enabled but not streaming yet. PostgreSQL starts the worker of a
+/// just-enabled subscription only `wal_retrieve_retry_interval` (5 s by
+/// default) after the last worker start, so a fallback asked for right
+/// after a cutover finds the reverse direction enabled but idle.
+const WORKER_START_WAIT: Duration = Duration::from_secs(10);
 
 /// Admin connections to both sides, opened before the pause.
 struct Conns {
@@ -43,9 +35,14 @@ pub(super) struct Run<'a> {
     controller: &'a Controller,
     config: &'a Config,
     direction: Direction,
+    timeout: Duration,
     deadline: Instant,
     report: &'a mut Report,
-    undo: Vec<Undo>,
+    /// The intent is in the state file: the servers may have been changed.
+    intent_written: bool,
+    /// An abort brought the servers back to the old side (steps 1–4 of
+    /// `recover`); its cleanup and the state without the intent follow.
+    rolled_back: bool,
     paused_at: Option<Instant>,
     conns: Option<Conns>,
 }
@@ -59,6 +56,7 @@ async fn timed<T>(
     work: impl std::future::Future<Output = Result<T, CutoverError>>,
 ) -> (Result<T, CutoverError>, Duration) {
     controller.set_phase(name);
+    fault::point(name).await;
     let started = Instant::now();
     let result = match tokio::time::timeout(deadline.saturating_duration_since(started), work).await
     {
@@ -97,7 +95,7 @@ impl<'a> Run<'a> {
         controller: &'a Controller,
         config: &'a Config,
         direction: Direction,
-        deadline: Instant,
+        timeout: Duration,
         report: &'a mut Report,
     ) -> Run<'a> {
         Run {
@@ -105,12 +103,38 @@ impl<'a> Run<'a> {
             controller,
             config,
             direction,
-            deadline,
+            timeout,
+            deadline: Instant::now() + timeout,
             report,
-            undo: Vec::new(),
+            intent_written: false,
+            rolled_back: false,
             paused_at: None,
             conns: None,
         }
+    }
+
+    /// Both admin connections by side, for `recover`.
+    fn sides(&self) -> Option<Sides<'_>> {
+        let conns = self.conns.as_ref()?;
+        let (from, to) = (&conns.from, &conns.to);
+        Some(match self.direction.from() {
+            Side::Blue => Sides {
+                blue: from,
+                green: to,
+            },
+            Side::Green => Sides {
+                blue: to,
+                green: from,
+            },
+        })
+    }
+
+    /// Writes `next` as the state file and in memory (a small write and
+    /// two fsyncs, never inside the pause).
+    fn store(&self, next: PersistedState) -> Result<(), CutoverError> {
+        self.controller
+            .store(next)
+            .map_err(|e| CutoverError::Aborted(e.to_string()))
     }
 
     fn reverse_names(&self) -> ReverseNames {
@@ -158,6 +182,22 @@ impl<'a> Run<'a> {
         if active != from {
             return Err(CutoverError::Refused(format!("{active} is already active")));
         }
+        if !dry_run && self.controller.state_file.is_none() {
+            return Err(CutoverError::Refused(
+                "[cutover] state_file is not set: without it a crash in the middle of a switch \
+                 could not be undone, and a restart would not know which side is active"
+                    .into(),
+            ));
+        }
+        if let (Some(path), true) = (&self.controller.state_file, dry_run) {
+            state::check_writable(path).map_err(|e| CutoverError::Refused(e.to_string()))?;
+        }
+        if let Some(why) = self.controller.unreconciled() {
+            return Err(CutoverError::Refused(format!(
+                "the servers may not match the state file yet ({why}); pgswitch retries by \
+                 itself: see `pgswitch status`"
+            )));
+        }
         let Some(target) = self.data.backend(to) else {
             return Err(CutoverError::Refused(format!(
                 "[backends.{to}] is not configured"
@@ -178,10 +218,30 @@ impl<'a> Run<'a> {
             },
         };
 
-        // 1. Preflight: no effect on traffic.
+        // 1. Preflight: no effect on traffic. A just-enabled direction's
+        // worker may still be starting: that wait is not counted against the
+        // switch's timeout.
+        let waited = self.wait_for_worker(stream.subscription).await;
+        if !waited.is_zero() {
+            self.report.phase("wait_worker", waited);
+            self.deadline = Instant::now() + self.timeout;
+        }
         let conns = phase!(self, "preflight", self.preflight(&stream));
         self.conns = Some(conns);
         self.report.lag_bytes = self.preflight_lag(&stream).await.ok();
+
+        // The intent, durably, before anything changes on either server.
+        if !dry_run {
+            let mut with_intent = self.controller.persisted();
+            with_intent.intent = Some(Intent {
+                kind: self.direction.name().to_owned(),
+                from,
+                to,
+                started_at_ms: self.report.started_at_unix_ms,
+            });
+            phase!(self, "intent", async { self.store(with_intent) });
+            self.intent_written = true;
+        }
 
         // Before the pause: the reverse direction's slot and subscription, and
         // warm server connections on the target.
@@ -219,10 +279,6 @@ impl<'a> Run<'a> {
                 let conn = self.conn(to)?;
                 let work = async { Ok(replication::unfence(conn, &old_fence).await?) };
                 phase!(self, "unfence", work);
-                self.undo.push(Undo::Unfenced {
-                    side: to,
-                    roles: old_fence.roles.iter().map(|r| r.role.clone()).collect(),
-                });
                 for pool in target.pools() {
                     pool.close_idle();
                 }
@@ -239,6 +295,7 @@ impl<'a> Run<'a> {
         // old fence gone.
         let mut next = self.controller.persisted();
         next.active = to;
+        next.intent = None;
         next.fences.remove(to.as_str());
         let roles = self.config.application_roles();
         let fence_plan = if self.config.cutover.fence_old && !roles.is_empty() && !dry_run {
@@ -310,6 +367,7 @@ impl<'a> Run<'a> {
         // the new side stops, the one carrying them back starts from exactly
         // this point; a fallback restarts the forward one), and the fence on
         // the old side. Their phases overlap in the report.
+        fault::point("switch").await;
         let conns = self.conns()?;
         let remaining = self.remaining();
         let sequences = async {
@@ -366,20 +424,8 @@ impl<'a> Run<'a> {
         self.report.phase("sequences", t_seq);
         self.report.phase("reverse", t_dir);
         self.report.phase("fence", t_fence);
-        // Record what succeeded before reporting what failed, so an abort undoes it.
         if let Ok(Some(point)) = &switched {
             self.report.switch_lsn = Some(point.lsn.to_string());
-            self.undo.push(Undo::DirectionSwitched {
-                stopped: stream.subscription.to_owned(),
-                started: stream.opposite.to_owned(),
-            });
-        }
-        if let Some(plan) = &fence_plan {
-            // Even a failed fence may have set some roles read-only: undo it.
-            self.undo.push(Undo::Fenced {
-                side: from,
-                fence: plan.clone(),
-            });
         }
         self.report.sequences_synced = synced
             .map_err(|e| CutoverError::Aborted(format!("sequences: {e}")))?
@@ -400,28 +446,15 @@ impl<'a> Run<'a> {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = next;
         self.data.switch.swap(target);
-        self.undo.clear();
+        fault::point("switched").await;
         Ok(Outcome::Switched)
     }
 
     async fn preflight(&self, stream: &Stream<'_>) -> Result<Conns, CutoverError> {
         let connect = |side: Side| async move {
-            let backend = self.config.backends.get(side).ok_or_else(|| {
-                CutoverError::Refused(format!("[backends.{side}] is not configured"))
-            })?;
-            let (user, password) = backend.admin_credentials().ok_or_else(|| {
-                CutoverError::Refused(format!("backends.{side}.admin_user is not configured"))
-            })?;
-            replication::connect(
-                &backend.host,
-                backend.port,
-                &user,
-                &password,
-                &self.config.replication.database,
-                self.remaining(),
-            )
-            .await
-            .map_err(|e| CutoverError::Refused(format!("{side} does not answer: {e}")))
+            super::connect_side(self.config, side, self.remaining())
+                .await
+                .map_err(CutoverError::Refused)
         };
         let (from, to, fence) = tokio::try_join!(
             connect(self.direction.from()),
@@ -461,6 +494,39 @@ impl<'a> Run<'a> {
             )));
         }
         Ok(Conns { from, to, fence })
+    }
+
+    /// Waits (up to [`WORKER_START_WAIT`]) while `subscription` on the target
+    /// is enabled but its apply worker does not stream yet; returns how long.
+    /// Anything else is left to the preflight to judge.
+    async fn wait_for_worker(&self, subscription: &str) -> Duration {
+        let started = Instant::now();
+        let Ok(conn) =
+            super::connect_side(self.config, self.direction.to(), self.remaining()).await
+        else {
+            return Duration::ZERO;
+        };
+        let mut logged = false;
+        while started.elapsed() < WORKER_START_WAIT {
+            match replication::subscription_status(&conn, subscription).await {
+                Ok(st) if st.enabled && !st.streaming => {
+                    if !logged {
+                        tracing::info!(
+                            subscription,
+                            "waiting for the subscription's apply worker to start"
+                        );
+                        logged = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => break,
+            }
+        }
+        if logged {
+            started.elapsed()
+        } else {
+            Duration::ZERO
+        }
     }
 
     async fn preflight_lag(&self, stream: &Stream<'_>) -> Result<u64, CutoverError> {
@@ -563,42 +629,79 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Undoes, newest first, what an aborted switch did.
+    /// Brings the servers back to the old side after an abort, before the
+    /// gate opens: steps 1–4 of `recover`, which find on the servers what
+    /// the switch changed. A failure leaves the intent in the state file
+    /// for the controller's retries.
     pub(super) async fn rollback(&mut self) {
-        let timeout = self.config.cutover.timeout.max(Duration::from_secs(5));
-        let mut failures = Vec::new();
-        while let Some(step) = self.undo.pop() {
-            let result = match (&step, self.conns.as_ref()) {
-                (_, None) => Ok(()),
-                (Undo::Fenced { side, fence }, Some(_)) => match self.conn(*side) {
-                    Ok(conn) => replication::unfence(conn, fence).await.map(|_| ()),
-                    Err(_) => Ok(()),
-                },
-                (Undo::Unfenced { side, roles }, Some(_)) => match self.conn(*side) {
-                    Ok(conn) => replication::fence(conn, roles).await.map(|fence| {
-                        let mut state = self
-                            .controller
-                            .state
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner());
-                        state.fences.insert(side.as_str().to_owned(), fence);
-                    }),
-                    Err(_) => Ok(()),
-                },
-                (Undo::DirectionSwitched { stopped, started }, Some(c)) => {
-                    replication::revert_switch(&c.from, started, &c.to, stopped, timeout).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "undo step failed; check replication by hand");
-                failures.push(e.to_string());
-            }
-        }
-        if !failures.is_empty() {
-            self.report.undo_failures = failures;
-        }
         if let Some(path) = &self.controller.state_file {
             let _ = std::fs::remove_file(path.with_extension("next"));
+        }
+        if !self.intent_written {
+            return;
+        }
+        let state = self.controller.persisted();
+        let timeout = self.config.cutover.timeout.max(Duration::from_secs(5));
+        let mut changes = Changes::new();
+        let result = match self.sides() {
+            Some(sides) => {
+                recover::reconcile(
+                    self.config,
+                    &state,
+                    self.direction.from(),
+                    &sides,
+                    timeout,
+                    &mut changes,
+                )
+                .await
+            }
+            None => Err(recover::RecoverError::Undecidable(
+                "no admin connections".into(),
+            )),
+        };
+        self.report.undone = changes;
+        match result {
+            Ok(()) => self.rolled_back = true,
+            Err(e) => {
+                tracing::error!(error = %e, "undoing the switch failed; retrying in the background");
+                self.report.undo_failures.push(e.to_string());
+                self.controller.set_unreconciled(Some(e.to_string()));
+            }
+        }
+    }
+
+    /// After the gate opened: what no held transaction should wait for.
+    /// An abort drops what it prepared and records the state without its
+    /// intent; a fallback drops the reverse direction, now idle (its slot
+    /// would retain green's WAL for ever).
+    pub(super) async fn after_resume(&mut self, outcome: Outcome) {
+        let finish_abort = outcome == Outcome::Aborted && self.rolled_back;
+        let after_fallback = outcome == Outcome::Switched && self.direction == Direction::Fallback;
+        if !finish_abort && !after_fallback {
+            return;
+        }
+        fault::point("cleanup").await;
+        let active = self.data.switch.active().side;
+        let result = match self.sides() {
+            Some(sides) => recover::clean_up(active, &sides).await,
+            None => Ok(Changes::new()),
+        };
+        match result {
+            Ok(dropped) => self.report.undone.extend(dropped),
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping the idle direction failed; retrying in the background");
+                self.report.undo_failures.push(e.to_string());
+                self.controller.set_unreconciled(Some(e.to_string()));
+                return;
+            }
+        }
+        if finish_abort {
+            let mut state = self.controller.persisted();
+            state.intent = None;
+            if let Err(e) = self.store(state) {
+                self.report.undo_failures.push(e.to_string());
+                self.controller.set_unreconciled(Some(e.to_string()));
+            }
         }
     }
 

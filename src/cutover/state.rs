@@ -1,6 +1,8 @@
-//! The state file: which side is active, and what a later switch must undo
-//! (fences). Written atomically (temp file, fsync, rename, fsync of the
-//! directory) before the gate opens: the commit point of a cutover.
+//! The state file: which side is active, what a later switch must undo
+//! (fences), and the switch in progress, if any. Written atomically (temp
+//! file, fsync, rename, fsync of the directory): once with the intent,
+//! before a switch touches either server, and once more at its end — the
+//! rename that makes the new side active is the commit point of a cutover.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,6 +19,25 @@ pub struct PersistedState {
     /// Fences in place, by side, so the next switch toward that side lifts them.
     #[serde(default)]
     pub fences: BTreeMap<String, Fence>,
+    /// A switch that started and has not been committed or undone yet. Its
+    /// presence after a restart means the process stopped in the middle:
+    /// the servers are brought back to `active` (see `cutover::recover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Intent>,
+}
+
+/// A switch in progress, recorded before it changes anything. Which side it
+/// leaves is all a restart needs: what the switch may have changed is found
+/// on the servers themselves (fence markers, the subscriptions' states, the
+/// reverse objects by name), and undoing it is idempotent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    /// `cutover` or `fallback`.
+    pub kind: String,
+    pub from: Side,
+    pub to: Side,
+    /// Unix time in milliseconds when the switch began.
+    pub started_at_ms: u64,
 }
 
 impl PersistedState {
@@ -24,6 +45,7 @@ impl PersistedState {
         PersistedState {
             active,
             fences: BTreeMap::new(),
+            intent: None,
         }
     }
 }
@@ -44,6 +66,20 @@ pub enum StateError {
     Inconsistent(String),
 }
 
+/// The state to start from, and the state file's lock when there is one:
+/// the state file when it exists, `[cutover] active` otherwise.
+pub fn open(
+    path: Option<&Path>,
+    default_active: Side,
+) -> Result<(PersistedState, Option<std::fs::File>), StateError> {
+    let Some(path) = path else {
+        return Ok((PersistedState::new(default_active), None));
+    };
+    let lock = lock(path)?;
+    let state = load(path)?.unwrap_or_else(|| PersistedState::new(default_active));
+    Ok((state, Some(lock)))
+}
+
 /// Reads the state file; `Ok(None)` when it does not exist yet.
 pub fn load(path: &Path) -> Result<Option<PersistedState>, StateError> {
     match std::fs::read(path) {
@@ -58,6 +94,44 @@ pub fn load(path: &Path) -> Result<Option<PersistedState>, StateError> {
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+/// Checks that the state file can be written where it is configured: its
+/// folder exists and takes a file (`check-config`, dry runs; a switch finds
+/// out too late, at its commit point).
+pub fn check_writable(path: &Path) -> Result<(), StateError> {
+    let probe = path.with_extension("probe");
+    let io = |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(&probe, b"").map_err(io)?;
+    std::fs::remove_file(&probe).map_err(io)
+}
+
+/// Takes the exclusive lock beside the state file (`<file>.lock`) that a
+/// running pgswitch and `pgswitch recover` hold: one writer per state file.
+pub fn lock(path: &Path) -> Result<std::fs::File, StateError> {
+    let lock_path = path.with_extension("lock");
+    let io = |source| StateError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Inconsistent(format!(
+            "another pgswitch uses the state file {} (it holds {})",
+            path.display(),
+            lock_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 

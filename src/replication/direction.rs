@@ -62,8 +62,7 @@ impl ReverseNames {
     }
 }
 
-/// What [`prepare_reverse`] did, so that [`undo_prepare_reverse`] removes
-/// only what it created.
+/// What [`prepare_reverse`] did (for the report; [`drop_reverse`] undoes it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Prepared {
     pub created_publication: bool,
@@ -149,33 +148,49 @@ async fn stop_workers(
     }
 }
 
-/// Disables `subscription` and waits until its workers are gone.
-async fn disable(
+/// Disables `subscription` (when it exists) and waits until its workers are
+/// gone. Returns whether it was enabled.
+pub async fn stop_subscription(
     c: &Client,
     subscription: &str,
-    deadline: Instant,
-) -> Result<(), ReplicationError> {
+    timeout: Duration,
+) -> Result<bool, ReplicationError> {
+    let deadline = Instant::now() + timeout;
     let step = format!("disable subscription {subscription:?}");
-    let (oid, _, _, _) =
-        sub_info(c, subscription, &step)
-            .await?
-            .ok_or_else(|| ReplicationError::NotFound {
-                what: "subscription",
-                name: subscription.into(),
-            })?;
-    c.batch_execute(&format!(
-        "ALTER SUBSCRIPTION {} DISABLE",
-        ident(subscription)
-    ))
-    .await
-    .step(&step)?;
-    stop_workers(
-        c,
-        oid,
-        &format!("stop the workers of {subscription:?}"),
-        deadline,
-    )
-    .await
+    let Some((oid, enabled, _, workers)) = sub_info(c, subscription, &step).await? else {
+        return Ok(false);
+    };
+    if enabled {
+        c.batch_execute(&format!(
+            "ALTER SUBSCRIPTION {} DISABLE",
+            ident(subscription)
+        ))
+        .await
+        .step(&step)?;
+    }
+    if enabled || !workers.is_empty() {
+        let step = format!("stop the workers of {subscription:?}");
+        stop_workers(c, oid, &step, deadline).await?;
+    }
+    Ok(enabled)
+}
+
+/// Enables `subscription` when it exists and is disabled; it resumes from
+/// its own replication origin. Returns whether it was disabled.
+pub async fn start_subscription(c: &Client, subscription: &str) -> Result<bool, ReplicationError> {
+    let step = format!("enable subscription {subscription:?}");
+    match sub_info(c, subscription, &step).await? {
+        Some((_, false, _, _)) => {
+            c.batch_execute(&format!(
+                "ALTER SUBSCRIPTION {} ENABLE",
+                ident(subscription)
+            ))
+            .await
+            .step(&step)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// Moves replication from one direction to the other at an exact point:
@@ -215,16 +230,23 @@ pub async fn switch_direction(
         stop_workers(start_side, start_oid, &step, deadline).await?;
     }
 
-    disable(stop_side, stop_sub, deadline).await?;
+    let step = format!("disable subscription {stop_sub:?}");
+    if sub_info(stop_side, stop_sub, &step).await?.is_none() {
+        return Err(ReplicationError::NotFound {
+            what: "subscription",
+            name: stop_sub.into(),
+        });
+    }
+    stop_subscription(
+        stop_side,
+        stop_sub,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await?;
     let stop = t0.elapsed();
 
     let t1 = Instant::now();
-    let step = "read the switch point (pg_current_wal_insert_lsn)";
-    let row = stop_side
-        .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()", &[])
-        .await
-        .step(step)?;
-    let lsn: Lsn = row.try_get(0).step(step)?;
+    let lsn = durable_insert_position(stop_side).await?;
 
     // One round trip: advance and enable in one transaction.
     start_side
@@ -247,24 +269,34 @@ pub async fn switch_direction(
     })
 }
 
-/// Undoes a [`switch_direction`] for an abort: disables `started_sub` (on
-/// `started_side`) and stops its worker, then re-enables `stopped_sub` (on
-/// `stopped_side`), which resumes from its own origin, where it stopped.
-/// Right for an abort before the swap: no application wrote on the side that
-/// would have become active, so the started direction had nothing to carry.
-pub async fn revert_switch(
-    started_side: &Client,
-    started_sub: &str,
-    stopped_side: &Client,
-    stopped_sub: &str,
-    timeout: Duration,
-) -> Result<(), ReplicationError> {
-    let deadline = Instant::now() + timeout;
-    disable(started_side, started_sub, deadline).await?;
-    stopped_side
-        .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", ident(stopped_sub)))
+/// Reads the WAL insert position `X` and makes the server's WAL durable
+/// past it before returning: a transactional logical message committed
+/// under `synchronous_commit = on` (the control connections' setting) after
+/// `X` is read flushes everything before it. Without the flush, a crash of
+/// the server right after the switch can restart its WAL below `X` (apply
+/// workers commit asynchronously), and the direction started at `X` would
+/// skip the server's first commits after the restart.
+async fn durable_insert_position(c: &Client) -> Result<Lsn, ReplicationError> {
+    let step = "read the switch point and flush the WAL up to it";
+    let messages = c
+        .simple_query(
+            "BEGIN; SELECT pg_catalog.pg_current_wal_insert_lsn()::text; \
+             SELECT pg_catalog.pg_logical_emit_message(true, 'pgswitch', 'switch point'); \
+             COMMIT",
+        )
         .await
-        .step(&format!("re-enable subscription {stopped_sub:?}"))
+        .step(step)?;
+    let text = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .ok_or_else(|| ReplicationError::Unexpected {
+            step: step.into(),
+            detail: "no LSN returned".into(),
+        })?;
+    text.parse()
 }
 
 /// Prepares the reverse direction ahead of the pause (idempotent): on the new
@@ -402,17 +434,23 @@ pub async fn advance_unused_slot(
     }
 }
 
-/// Removes what [`prepare_reverse`] created (and only that): the
-/// subscription is detached from its slot before it is dropped, so that the
-/// drop doesn't need the new side; the slot and publication are dropped on
-/// the new side.
-pub async fn undo_prepare_reverse(
+/// Drops the reverse direction's objects that exist (all pgswitch's, by
+/// name) and returns what it dropped: the subscription on the old side,
+/// detached from its slot first so that the drop doesn't need the new
+/// side, then the slot and the publication on the new side. For aborts (it
+/// undoes [`prepare_reverse`], also a partial one) and for the idle
+/// direction after a fallback, whose slot would otherwise retain WAL.
+pub async fn drop_reverse(
     new_side: &Client,
     old_side: &Client,
     names: &ReverseNames,
-    prepared: &Prepared,
-) -> Result<(), ReplicationError> {
-    if prepared.created_subscription {
+) -> Result<Vec<String>, ReplicationError> {
+    let mut dropped = Vec::new();
+    let step = format!("drop reverse subscription {:?}", names.subscription);
+    if sub_info(old_side, &names.subscription, &step)
+        .await?
+        .is_some()
+    {
         let sub = ident(&names.subscription);
         old_side
             .batch_execute(&format!(
@@ -421,39 +459,50 @@ pub async fn undo_prepare_reverse(
                  DROP SUBSCRIPTION {sub}"
             ))
             .await
-            .step(&format!(
-                "drop reverse subscription {:?}",
-                names.subscription
-            ))?;
+            .step(&step)?;
+        dropped.push(format!("subscription {:?}", names.subscription));
     }
-    if prepared.created_slot {
-        let step = format!("drop replication slot {:?}", names.slot);
-        // The reverse subscription's walsender may take a moment to exit.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match new_side
-                .execute(
-                    "SELECT pg_catalog.pg_drop_replication_slot($1)",
-                    &[&names.slot],
-                )
-                .await
-            {
-                Ok(_) => break,
-                Err(e)
-                    if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
-                        && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await
+    let step = format!("drop replication slot {:?}", names.slot);
+    // The reverse subscription's walsender may take a moment to exit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match new_side
+            .query(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
+                   FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&names.slot],
+            )
+            .await
+        {
+            Ok(rows) => {
+                if !rows.is_empty() {
+                    dropped.push(format!("slot {:?}", names.slot));
                 }
-                Err(e) => return Err(ReplicationError::sql(step, e)),
+                break;
             }
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => return Err(ReplicationError::sql(step, e)),
         }
     }
-    if prepared.created_publication {
+    let step = format!("drop publication {:?}", names.publication);
+    let row = new_side
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&names.publication],
+        )
+        .await
+        .step(&step)?;
+    if row.try_get::<_, i64>(0).step(&step)? > 0 {
         new_side
             .batch_execute(&format!("DROP PUBLICATION {}", ident(&names.publication)))
             .await
-            .step(&format!("drop publication {:?}", names.publication))?;
+            .step(&step)?;
+        dropped.push(format!("publication {:?}", names.publication));
     }
-    Ok(())
+    Ok(dropped)
 }

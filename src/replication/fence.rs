@@ -18,6 +18,16 @@
 //!   back by [`unfence`]. REVOKE would have to snapshot and restore every
 //!   table's ACL and would not stop table owners; `NOLOGIN` also stops reads.
 //!
+//! Each fenced role also carries two markers, `pgswitch.fence_previous`
+//! (the setting it had, or `default` for none) and `pgswitch.fenced_at`, in
+//! the same transaction as the fence. The server itself then tells
+//! pgswitch's fence from an operator's `default_transaction_read_only = on`:
+//! a plan over a role that is still fenced (a crash between the fence and
+//! the commit point) keeps the recorded previous value instead of taking
+//! the fence for the operator's setting, and a restart lifts every fence of
+//! pgswitch's on the side it makes active ([`pgswitch_fence`]) even when
+//! its state file does not know of it.
+//!
 //! Limits (documented rather than hidden): a session can still opt out with
 //! `SET default_transaction_read_only = off` or `BEGIN READ WRITE`: this is
 //! a fence against applications that keep writing to the old side by
@@ -54,6 +64,12 @@ pub struct Fence {
 }
 
 const SETTING: &str = "default_transaction_read_only";
+/// Role setting that marks pgswitch's fence: the previous value of [`SETTING`].
+const MARK_PREVIOUS: &str = "pgswitch.fence_previous";
+/// Role setting that marks pgswitch's fence: when it was set (server time).
+const MARK_AT: &str = "pgswitch.fenced_at";
+/// [`MARK_PREVIOUS`] for a role that had no setting of its own.
+const NO_PREVIOUS: &str = "default";
 
 /// Makes the server refuse writes from `roles` (see the module docs for the
 /// method and its limits), ending their open sessions; returns what to undo.
@@ -87,9 +103,13 @@ pub async fn plan_fence(conn: &Client, roles: &[String]) -> Result<Fence, Replic
                        JOIN pg_catalog.pg_database db ON db.oid = d.setdatabase, \
                             unnest(d.setconfig) x \
                       WHERE d.setrole = r.oid AND x LIKE $2 || '=%'), \
-                    r.rolname = session_user, now()::text \
+                    r.rolname = session_user, now()::text, \
+                    (SELECT substr(x, length($3) + 2) \
+                       FROM pg_catalog.pg_db_role_setting d, unnest(d.setconfig) x \
+                      WHERE d.setrole = r.oid AND d.setdatabase = 0 \
+                        AND split_part(x, '=', 1) = $3 LIMIT 1) \
                FROM pg_catalog.pg_roles r WHERE r.rolname = ANY($1)",
-            &[&roles, &SETTING],
+            &[&roles, &SETTING, &MARK_PREVIOUS],
         )
         .await
         .step(step)?;
@@ -105,10 +125,16 @@ pub async fn plan_fence(conn: &Client, roles: &[String]) -> Result<Fence, Replic
                 what: "role",
                 name: role.clone(),
             })?;
-        let previous: Option<String> = row.try_get(1).step(step)?;
+        let current: Option<String> = row.try_get(1).step(step)?;
         let per_db: Option<String> = row.try_get(2).step(step)?;
         let is_admin: bool = row.try_get(3).step(step)?;
         fenced_at = row.try_get(4).step(step)?;
+        let marked: Option<String> = row.try_get(5).step(step)?;
+        // Still under a fence of pgswitch's: what it had before that fence.
+        let previous = match marked {
+            Some(mark) => decode_previous(mark),
+            None => current,
+        };
         if let Some(dbs) = per_db {
             return Err(ReplicationError::InvalidState(format!(
                 "role {role:?} has its own {SETTING} in database(s) {dbs}, which would override \
@@ -148,9 +174,14 @@ pub async fn apply_fence(
     let roles: Vec<&str> = fence.roles.iter().map(|r| r.role.as_str()).collect();
     let mut sql = String::from("BEGIN;");
     for r in &fence.roles {
+        let role = ident(&r.role);
+        let previous = r.previous.as_deref().unwrap_or(NO_PREVIOUS);
         sql.push_str(&format!(
-            " ALTER ROLE {} SET {SETTING} = on;",
-            ident(&r.role)
+            " ALTER ROLE {role} SET {SETTING} = on; \
+              ALTER ROLE {role} SET {MARK_PREVIOUS} = {}; \
+              ALTER ROLE {role} SET {MARK_AT} = {};",
+            literal(previous),
+            literal(&fence.fenced_at)
         ));
     }
     sql.push_str(" COMMIT;");
@@ -172,6 +203,48 @@ pub async fn apply_fence(
     row.try_get(0).step(step)
 }
 
+fn decode_previous(mark: String) -> Option<String> {
+    (mark != NO_PREVIOUS).then_some(mark)
+}
+
+/// The fence pgswitch left on this server, read from its markers: every
+/// role that carries one, with the setting it had before; `None` when no
+/// role is fenced by pgswitch. [`unfence`] of the answer lifts it exactly.
+pub async fn pgswitch_fence(conn: &Client) -> Result<Option<Fence>, ReplicationError> {
+    let step = "read pgswitch's fence markers";
+    let rows = conn
+        .query(
+            "SELECT r.rolname::text, substr(p, length($1) + 2), \
+                    (SELECT substr(a, length($2) + 2) FROM unnest(d.setconfig) a \
+                      WHERE split_part(a, '=', 1) = $2 LIMIT 1) \
+               FROM pg_catalog.pg_db_role_setting d \
+               JOIN pg_catalog.pg_roles r ON r.oid = d.setrole, unnest(d.setconfig) p \
+              WHERE d.setdatabase = 0 AND split_part(p, '=', 1) = $1 \
+              ORDER BY 1",
+            &[&MARK_PREVIOUS, &MARK_AT],
+        )
+        .await
+        .step(step)?;
+    let mut fence = Fence {
+        roles: Vec::with_capacity(rows.len()),
+        fenced_at: String::new(),
+        terminated: 0,
+    };
+    for row in &rows {
+        let at: Option<String> = row.try_get(2).step(step)?;
+        // The earliest mark: sessions that started since then are read-only.
+        let at = at.unwrap_or_else(|| "-infinity".into());
+        if fence.fenced_at.is_empty() || at < fence.fenced_at {
+            fence.fenced_at = at;
+        }
+        fence.roles.push(RoleFence {
+            role: row.try_get(0).step(step)?,
+            previous: decode_previous(row.try_get(1).step(step)?),
+        });
+    }
+    Ok((!fence.roles.is_empty()).then_some(fence))
+}
+
 /// Undoes [`fence`] exactly: each role gets back the role-wide setting it
 /// had (or none), and sessions of the roles that started while fenced (hence
 /// read-only) are ended so that none stays read-only. Returns how many
@@ -179,14 +252,17 @@ pub async fn apply_fence(
 pub async fn unfence(conn: &Client, fence: &Fence) -> Result<i64, ReplicationError> {
     let mut sql = String::from("BEGIN;");
     for r in &fence.roles {
+        let role = ident(&r.role);
         match &r.previous {
-            None => sql.push_str(&format!(" ALTER ROLE {} RESET {SETTING};", ident(&r.role))),
+            None => sql.push_str(&format!(" ALTER ROLE {role} RESET {SETTING};")),
             Some(v) => sql.push_str(&format!(
-                " ALTER ROLE {} SET {SETTING} = {};",
-                ident(&r.role),
+                " ALTER ROLE {role} SET {SETTING} = {};",
                 literal(v)
             )),
         }
+        sql.push_str(&format!(
+            " ALTER ROLE {role} RESET {MARK_PREVIOUS}; ALTER ROLE {role} RESET {MARK_AT};"
+        ));
     }
     sql.push_str(" COMMIT;");
     conn.batch_execute(&sql)

@@ -11,8 +11,10 @@
 //!   until the new side has applied it, [`sync_sequences`],
 //!   [`switch_direction`] (forward off, reverse on, from one switch point),
 //!   [`fence`];
-//! * aborts: [`revert_switch`], [`unfence`], [`undo_prepare_reverse`];
-//! * after a fallback: [`switch_direction`] back (reverse off, forward on);
+//! * aborts and restarts (`cutover::recover`): [`stop_subscription`],
+//!   [`start_subscription`], [`pgswitch_fence`] and [`unfence`], [`drop_reverse`];
+//! * after a fallback: [`switch_direction`] back (reverse off, forward on),
+//!   then [`drop_reverse`]; while green is active, [`advance_unused_slot`];
 //! * all the time: [`watch_lag`], the lag a cutover would wait for.
 //!
 //! Every function takes `&tokio_postgres::Client` connected as a superuser
@@ -31,10 +33,10 @@ pub use catchup::{
     flush_and_mark, replication_lag, subscription_status, wait_applied, Lag, SubscriptionStatus,
 };
 pub use direction::{
-    advance_unused_slot, prepare_reverse, revert_switch, switch_direction, undo_prepare_reverse,
-    Prepared, ReverseNames, SwitchPoint,
+    advance_unused_slot, drop_reverse, prepare_reverse, start_subscription, stop_subscription,
+    switch_direction, Prepared, ReverseNames, SwitchPoint,
 };
-pub use fence::{apply_fence, fence, plan_fence, unfence, Fence, RoleFence};
+pub use fence::{apply_fence, fence, pgswitch_fence, plan_fence, unfence, Fence, RoleFence};
 pub use lsn::Lsn;
 pub use sequences::sync_sequences;
 pub use watch::{watch_lag, LagWatch};

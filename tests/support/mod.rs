@@ -11,6 +11,7 @@
 //!   `app`/`secret` role, and tokio-postgres clients.
 //! * [`wait_until`], [`wait_for`] (and `_sync` variants) – polling helpers.
 //! * [`Raw`] – a raw wire-protocol client.
+//! * [`Pair`] – blue and green in logical replication, for cutover tests.
 //! * [`free_port`], [`psql_bin`], [`pgbench_bin`], signal constants.
 //!
 //! Everything here is synchronous (blocking) except the client helpers
@@ -29,6 +30,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod client;
+mod cluster;
 mod config;
 mod pg;
 mod proxy;
@@ -36,6 +38,7 @@ mod wait;
 mod wire;
 
 pub use client::*;
+pub use cluster::*;
 pub use config::*;
 pub use pg::*;
 pub use proxy::*;
