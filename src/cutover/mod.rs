@@ -90,6 +90,9 @@ impl From<replication::ReplicationError> for CutoverError {
 
 /// Runs one switch at a time and keeps the history and the persisted state.
 pub struct Controller {
+    /// A switch asked for is running (a second one is refused).
+    switching: std::sync::atomic::AtomicBool,
+    /// Held by a switch and by each round of the upkeep: never both at once.
     running: tokio::sync::Mutex<()>,
     phase: Mutex<&'static str>,
     history: Mutex<Vec<Report>>,
@@ -172,6 +175,7 @@ const OLD_SIDE_GRACE: Duration = Duration::from_millis(500);
 impl Controller {
     pub fn new(state: PersistedState, state_file: Option<PathBuf>) -> Controller {
         Controller {
+            switching: std::sync::atomic::AtomicBool::new(false),
             running: tokio::sync::Mutex::new(()),
             phase: Mutex::new("idle"),
             history: Mutex::new(Vec::new()),
@@ -328,13 +332,23 @@ impl Controller {
             direction.to(),
             options.dry_run,
         );
-        let Ok(_running) = self.running.try_lock() else {
+        use std::sync::atomic::Ordering;
+        if self.switching.swap(true, Ordering::AcqRel) {
             report.finish(
                 Outcome::Refused,
                 Some("another cutover or fallback is running".into()),
             );
             return self.record(data, report);
-        };
+        }
+        struct Switching<'c>(&'c std::sync::atomic::AtomicBool);
+        impl Drop for Switching<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _switching = Switching(&self.switching);
+        // A round of the upkeep may be under way: it is short, wait for it.
+        let _running = self.running.lock().await;
         let config = data.config().clone();
         let timeout = options
             .timeout_ms

@@ -18,6 +18,8 @@ pub struct Proxy {
     pub admin_port: u16,
     pub dir: PathBuf,
     pub config_path: PathBuf,
+    /// Extra environment of the process, applied at every (re)start.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     exit: Option<ExitStatus>,
     reaper: Option<Child>,
@@ -47,6 +49,21 @@ impl Proxy {
         p
     }
 
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Proxy {
+        let port = parse_listen_port(config_toml).expect("[proxy] listen");
+        let mut p = Self::unstarted(config_toml, port);
+        p.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        p.spawn_process();
+        if let Err(e) = p.wait_ready(Duration::from_secs(10)) {
+            panic!("{e}\n---- proxy log ----\n{}\n----", p.logs());
+        }
+        p
+    }
+
     /// Starts the proxy without waiting for it to listen (for tests of
     /// startup failures: combine with [`wait_exit`](Self::wait_exit)).
     /// `port` is 0 if the config has no parsable `[proxy] listen`.
@@ -55,6 +72,13 @@ impl Proxy {
     }
 
     pub fn spawn_with_port(config_toml: &str, port: u16) -> Proxy {
+        let mut p = Self::unstarted(config_toml, port);
+        p.spawn_process();
+        p
+    }
+
+    /// The proxy's directory and config file, without a process yet.
+    fn unstarted(config_toml: &str, port: u16) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("pgswitch-proxy-")
             .tempdir_in(test_tmp_base())
@@ -63,17 +87,16 @@ impl Proxy {
         let config_path = dir.join("pgswitch.toml");
         let (config_toml, admin_port) = with_admin_listen(config_toml, None);
         fs::write(&config_path, config_toml).expect("write proxy config");
-        let mut p = Proxy {
+        Proxy {
             port,
             admin_port,
             dir,
             config_path,
+            env: Vec::new(),
             child: None,
             exit: None,
             reaper: None,
-        };
-        p.spawn_process();
-        p
+        }
     }
 
     fn spawn_process(&mut self) {
@@ -94,6 +117,7 @@ impl Proxy {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().expect("spawn pgswitch");
         self.reaper = spawn_reaper(
             child.id(),

@@ -1,0 +1,486 @@
+//! Crash consistency of cutovers and fallbacks (issue 14): pgswitch killed
+//! (SIGKILL) at every point of a switch, and the target server stopped
+//! immediately (a crash) at every phase, each followed by a restart and a
+//! check of the fences, the replication directions, the active side and
+//! every acknowledged write. Also: nothing is left behind by aborts, a
+//! fallback right after a cutover, and the idle direction's slot.
+//!
+//! The switch is held at a point with pgswitch's test hook
+//! (`PGSWITCH_TEST_STALL_AT`, see `src/cutover/fault.rs`); the servers run
+//! with `synchronous_commit = off`, fsync off (a process crash, not an OS
+//! crash, loses only what was not written).
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgswitch::replication as repl;
+use support::*;
+use tokio_postgres::Client;
+
+const FORWARD: &str = "pgswitch";
+const REVERSE: &str = "pgswitch_reverse";
+
+/// Points of a cutover in order; the commit point lies between `persist`
+/// and `switched`. `unfence` is there because green carries the fence of
+/// an earlier fallback.
+const CUTOVER_POINTS: &[&str] = &[
+    "intent",
+    "prepare",
+    "unfence",
+    "warm",
+    "plan_fence",
+    "stage_state",
+    "drain",
+    "catch_up",
+    "switch",
+    "persist",
+    "switched",
+];
+
+/// A fallback has the same points, and a cleanup after the gate opened.
+const FALLBACK_POINTS: &[&str] = &[
+    "intent",
+    "prepare",
+    "unfence",
+    "warm",
+    "plan_fence",
+    "stage_state",
+    "drain",
+    "catch_up",
+    "switch",
+    "persist",
+    "switched",
+    "cleanup",
+];
+
+/// Points after the commit point: a restart comes back on the new side.
+fn committed(point: &str) -> bool {
+    matches!(point, "switched" | "cleanup")
+}
+
+// --------------------------------------------------------------------- load
+
+/// One client writing through pgswitch, each insert committed durably
+/// (`SET LOCAL synchronous_commit = on`: the application asks for it), and
+/// reconnecting after errors; records every acknowledged id.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<i64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+static NEXT_ID: AtomicI64 = AtomicI64::new(1);
+
+impl Writer {
+    fn start(port: u16) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let task = tokio::spawn(async move {
+            let mut client: Option<Client> = None;
+            while !s.load(Ordering::Relaxed) {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    client = connect_port(port).await.ok();
+                    if client.is_none() {
+                        // The proxy is down (killed by the test): pace the retries.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+                let Some(c) = &client else { continue };
+                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let sql = format!(
+                    "BEGIN; SET LOCAL synchronous_commit = on; \
+                     INSERT INTO acked (id, writer) VALUES ({id}, 0); COMMIT"
+                );
+                match c.batch_execute(&sql).await {
+                    Ok(()) => a.lock().unwrap().push(id),
+                    Err(_) => {
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        });
+        Writer { stop, acked, task }
+    }
+
+    async fn finish(self) -> Vec<i64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+}
+
+async fn connect_port(port: u16) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=app password=app dbname=app connect_timeout=5"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+// ------------------------------------------------------------------- checks
+
+fn conn<'p>(p: &'p Pair, side: &str) -> &'p Client {
+    if side == "blue" {
+        &p.b
+    } else {
+        &p.g
+    }
+}
+
+fn other(side: &str) -> &'static str {
+    if side == "blue" {
+        "green"
+    } else {
+        "blue"
+    }
+}
+
+/// The role-wide settings of role `app` on a server.
+async fn app_settings(c: &Client) -> String {
+    c.query_one(
+        "SELECT coalesce((SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting d \
+           JOIN pg_roles r ON r.oid = d.setrole WHERE r.rolname = 'app' AND d.setdatabase = 0), '')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The subscription into `side`, on `side`.
+fn into(side: &str) -> &'static str {
+    if side == "green" {
+        FORWARD
+    } else {
+        REVERSE
+    }
+}
+
+/// What must hold whenever no switch runs, with `active` active: the
+/// proxy says so and has nothing unfinished; the active side is writable
+/// through pgswitch and not fenced; the other side is fenced; exactly one
+/// direction is enabled, out of the active side, and streams; with blue
+/// active no reverse object exists; every acknowledged write is on both
+/// sides, and both sides hold the same rows.
+async fn check_consistent(p: &Pair, proxy: &Proxy, active: &str, acked: &[i64], context: &str) {
+    let st = wait_for(WAIT, || async {
+        let st = status(proxy).await;
+        st["unreconciled"].is_null().then_some(st)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "{context}: the servers never reconciled: {}",
+            status_text(proxy)
+        )
+    });
+    assert_eq!(st["active"], active, "{context}: {st}");
+    assert!(st["unfinished_switch"].is_null(), "{context}: {st}");
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.state_file()).unwrap()).unwrap();
+    assert_eq!(saved["active"], active, "{context}: state file {saved}");
+    assert!(
+        saved.get("intent").is_none(),
+        "{context}: state file {saved}"
+    );
+
+    let a = conn(p, active);
+    let o = conn(p, other(active));
+    let active_settings = app_settings(a).await;
+    assert!(
+        !active_settings.contains("default_transaction_read_only=on")
+            && !active_settings.contains("pgswitch."),
+        "{context}: {active} must be writable: {active_settings}"
+    );
+    let other_settings = app_settings(o).await;
+    assert!(
+        other_settings.contains("default_transaction_read_only=on")
+            && other_settings.contains("pgswitch.fence_previous"),
+        "{context}: {} must be fenced: {other_settings}",
+        other(active)
+    );
+    let st_in = repl::subscription_status(a, into(active)).await.unwrap();
+    assert!(
+        !st_in.enabled,
+        "{context}: {} on {active}: {st_in:?}",
+        into(active)
+    );
+    wait_streaming(o, into(other(active))).await;
+    if active == "blue" {
+        assert_eq!(
+            count(
+                &p.g,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgswitch_reverse'"
+            )
+            .await
+                + count(
+                    &p.g,
+                    "SELECT count(*) FROM pg_publication WHERE pubname = 'pgswitch_reverse'"
+                )
+                .await
+                + count(
+                    &p.b,
+                    "SELECT count(*) FROM pg_subscription WHERE subname = 'pgswitch_reverse'"
+                )
+                .await,
+            0,
+            "{context}: the idle reverse direction is left behind"
+        );
+    }
+
+    // Writable through pgswitch, on the active side.
+    let c = connect_port(proxy.port).await.unwrap();
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    c.execute("INSERT INTO acked (id, writer) VALUES ($1, 1)", &[&id])
+        .await
+        .unwrap_or_else(|e| panic!("{context}: write through pgswitch: {e:?}"));
+    let port: i32 = c
+        .query_one("SELECT port FROM acked WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let active_port = if active == "blue" {
+        p.blue.port
+    } else {
+        p.green.port
+    };
+    assert_eq!(port, active_port as i32, "{context}");
+
+    // Every acknowledged write on both sides, once; the same rows on both.
+    let (slot, sub) = if active == "blue" {
+        (FORWARD, FORWARD)
+    } else {
+        (REVERSE, REVERSE)
+    };
+    catch_up(a, slot, o, sub).await;
+    let mut wanted = acked.to_vec();
+    wanted.push(id);
+    for (name, c) in [("blue", &p.b), ("green", &p.g)] {
+        let gone = missing(c, &wanted).await;
+        assert!(
+            gone.is_empty(),
+            "{context}: acknowledged rows missing on {name}: {gone:?}"
+        );
+    }
+    let (nb, ng) = (
+        count(&p.b, "SELECT count(*) FROM acked").await,
+        count(&p.g, "SELECT count(*) FROM acked").await,
+    );
+    assert_eq!(nb, ng, "{context}: blue has {nb} rows, green {ng}");
+}
+
+fn status_text(proxy: &Proxy) -> String {
+    format!("(proxy log tail)\n{}", file_tail(&proxy.log_path(), 30))
+}
+
+/// A switch to `path` that must go through.
+async fn must_switch(proxy: &Proxy, path: &str) {
+    let (code, report) = switch(proxy, path, "").await;
+    assert_eq!(code, 200, "{path}: {report}");
+}
+
+/// Runs `path` with the switch held at `point`, and returns once it is held.
+async fn held_switch(
+    proxy: &Proxy,
+    path: &'static str,
+    point: &str,
+) -> tokio::task::JoinHandle<(u16, String)> {
+    const STALLED: &str = "test hook: switch stalled";
+    let before = proxy.logs().matches(STALLED).count();
+    let admin_port = proxy.admin_port;
+    let request =
+        tokio::spawn(async move { admin_http(admin_port, "POST", path, Some(TOKEN), "").await });
+    let stalled = wait_for(WAIT, || async {
+        (proxy.logs().matches(STALLED).count() > before).then_some(())
+    })
+    .await;
+    assert!(
+        stalled.is_some(),
+        "{path} never reached {point}: {}",
+        file_tail(&proxy.log_path(), 40)
+    );
+    request
+}
+
+fn stall_env(point: &str) -> Vec<(String, String)> {
+    vec![("PGSWITCH_TEST_STALL_AT".into(), point.into())]
+}
+
+/// Kills pgswitch at each point of `path`, restarts it and checks. Starts
+/// and ends every case with `from` active.
+async fn kill_at_every_point(
+    p: &Pair,
+    proxy: &mut Proxy,
+    path: &'static str,
+    back: &'static str,
+    from: &str,
+    points: &[&str],
+) {
+    for point in points {
+        let context = format!("{path} killed at {point}");
+        let t = Instant::now();
+        proxy.env = stall_env(point);
+        proxy.restart();
+        let writer = Writer::start(proxy.port);
+        let request = held_switch(proxy, path, point).await;
+        proxy.kill();
+        let _ = request.await;
+        proxy.env.clear();
+        proxy.restart();
+        let acked = writer.finish().await;
+        let active = if committed(point) { other(from) } else { from };
+        check_consistent(p, proxy, active, &acked, &context).await;
+        if active != from {
+            must_switch(proxy, back).await;
+            check_consistent(p, proxy, from, &[], &format!("{context}, then {back}")).await;
+        }
+        eprintln!(
+            "CASE {context}: back on {active}, {} acknowledged writes checked ({:?})",
+            acked.len(),
+            t.elapsed()
+        );
+    }
+}
+
+/// Blue and green with the fence history every case needs (green fenced by
+/// a fallback), and pgswitch in front.
+async fn setup() -> (Pair, Proxy) {
+    let p = pair().await;
+    let proxy = Proxy::start(&proxy_config(&p, "", ""));
+    must_switch(&proxy, "/cutover").await;
+    must_switch(&proxy, "/fallback").await;
+    check_consistent(&p, &proxy, "blue", &[], "setup").await;
+    (p, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_every_point_of_a_cutover() {
+    let (p, mut proxy) = setup().await;
+    kill_at_every_point(
+        &p,
+        &mut proxy,
+        "/cutover",
+        "/fallback",
+        "blue",
+        CUTOVER_POINTS,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_every_point_of_a_fallback() {
+    let (p, mut proxy) = setup().await;
+    must_switch(&proxy, "/cutover").await;
+    check_consistent(&p, &proxy, "green", &[], "setup").await;
+    kill_at_every_point(
+        &p,
+        &mut proxy,
+        "/fallback",
+        "/cutover",
+        "green",
+        FALLBACK_POINTS,
+    )
+    .await;
+}
+
+/// Green (the target) crashes while a cutover is held at a phase; the
+/// cutover aborts (or, after the commit point, stays switched); green
+/// comes back and pgswitch reconciles on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_crash_at_every_phase_of_a_cutover() {
+    let (mut p, mut proxy) = setup().await;
+    let release = p.dir.path().join("release");
+    for point in [
+        "prepare", "warm", "drain", "catch_up", "switch", "persist", "switched",
+    ] {
+        let context = format!("green crashed at {point}");
+        let _ = std::fs::remove_file(&release);
+        proxy.env = stall_env(point);
+        proxy.env.push((
+            "PGSWITCH_TEST_STALL_RELEASE".into(),
+            release.display().to_string(),
+        ));
+        proxy.restart();
+        let writer = Writer::start(proxy.port);
+        let request = held_switch(&proxy, "/cutover", point).await;
+        p.green.kill();
+        std::fs::write(&release, b"").unwrap();
+        let (code, body) = request.await.unwrap();
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        // Held at `persist`, every server step is done (durably): the commit
+        // point itself is the local state file, so the cutover goes through
+        // and green takes the traffic once it is back.
+        let switched = committed(point) || point == "persist";
+        assert_eq!(
+            report["outcome"],
+            if switched { "switched" } else { "aborted" },
+            "{context}: HTTP {code} {report}"
+        );
+        p.green.restart();
+        p.g = admin(&p.green).await;
+        let acked = writer.finish().await;
+        let active = if switched { "green" } else { "blue" };
+        check_consistent(&p, &proxy, active, &acked, &context).await;
+        if switched {
+            must_switch(&proxy, "/fallback").await;
+            check_consistent(
+                &p,
+                &proxy,
+                "blue",
+                &[],
+                &format!("{context}, then fallback"),
+            )
+            .await;
+        }
+        eprintln!(
+            "CASE {context}: {} acknowledged writes checked",
+            acked.len()
+        );
+    }
+
+    // Green crashes the moment the cutover answered.
+    proxy.env.clear();
+    proxy.restart();
+    let writer = Writer::start(proxy.port);
+    must_switch(&proxy, "/cutover").await;
+    p.green.kill();
+    p.green.restart();
+    p.g = admin(&p.green).await;
+    let acked = writer.finish().await;
+    check_consistent(
+        &p,
+        &proxy,
+        "green",
+        &acked,
+        "green crashed right after the cutover",
+    )
+    .await;
+}
+
+/// A fallback asked for 100 ms after a cutover goes through: it waits for
+/// the reverse direction's apply worker, which PostgreSQL may start seconds
+/// after the subscription was enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fallback_100ms_after_a_cutover() {
+    let (p, proxy) = setup().await;
+    for _ in 0..2 {
+        let writer = Writer::start(proxy.port);
+        must_switch(&proxy, "/cutover").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        must_switch(&proxy, "/fallback").await;
+        let acked = writer.finish().await;
+        check_consistent(&p, &proxy, "blue", &acked, "fallback 100 ms after cutover").await;
+    }
+}
