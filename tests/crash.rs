@@ -484,3 +484,143 @@ async fn fallback_100ms_after_a_cutover() {
         check_consistent(&p, &proxy, "blue", &acked, "fallback 100 ms after cutover").await;
     }
 }
+
+// ------------------------------------------------------ nothing left behind
+
+/// A cutover that fails while preparing the reverse direction (green
+/// without `wal_level = logical` cannot create its slot) drops the
+/// publication it created; blue stays active and writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_while_preparing_leaves_nothing() {
+    let p = pair_with(vec!["wal_level = replica".into()]).await;
+    let proxy = Proxy::start(&proxy_config(&p, "", ""));
+    let (code, report) = switch(&proxy, "/cutover", "").await;
+    assert_eq!(code, 409, "{report}");
+    assert_eq!(report["outcome"], "aborted", "{report}");
+    assert!(
+        report["reason"].as_str().unwrap_or("").contains("prepare"),
+        "{report}"
+    );
+    assert_eq!(p.reverse_objects().await, 0, "{report}");
+    let undone = report["undone"].to_string();
+    assert!(undone.contains("publication"), "{report}");
+    let st = status(&proxy).await;
+    assert!(
+        st["unfinished_switch"].is_null() && st["unreconciled"].is_null(),
+        "{st}"
+    );
+    let c = connect_port(proxy.port).await.unwrap();
+    c.execute("INSERT INTO acked (id, writer) VALUES (-1, -1)", &[])
+        .await
+        .unwrap();
+}
+
+/// While green is active the forward direction is idle: its slot on blue
+/// is kept advanced, so it does not retain blue's WAL until a fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_forward_slot_is_kept_advanced() {
+    let p = pair().await;
+    let proxy = Proxy::start(&proxy_config(&p, "", ""));
+    must_switch(&proxy, "/cutover").await;
+    let c = connect_port(proxy.port).await.unwrap();
+    c.batch_execute("INSERT INTO acked (id, writer) SELECT g, 2 FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    // The rows reach blue through the reverse direction: blue's WAL grows.
+    catch_up(&p.g, REVERSE, &p.b, REVERSE).await;
+    let written: String =
+        p.b.query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let advanced = wait_for(Duration::from_secs(30), || async {
+        let row =
+            p.b.query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
+                  WHERE slot_name = 'pgswitch'",
+                &[&written],
+            )
+            .await
+            .unwrap();
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    assert!(
+        advanced.is_some(),
+        "the forward slot still retains WAL from before {written}"
+    );
+    // The fallback still restarts the forward direction exactly.
+    must_switch(&proxy, "/fallback").await;
+    let c = connect_port(proxy.port).await.unwrap();
+    c.execute("INSERT INTO acked (id, writer) VALUES (-5, -5)", &[])
+        .await
+        .unwrap();
+    catch_up(&p.b, FORWARD, &p.g, FORWARD).await;
+    assert_eq!(
+        count(&p.b, "SELECT count(*) FROM acked").await,
+        count(&p.g, "SELECT count(*) FROM acked").await
+    );
+}
+
+/// `check-config` and the start find a state file whose folder does not
+/// exist (before, only a cutover's commit did).
+#[test]
+fn state_file_in_a_missing_folder_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\n[backends.blue]\nhost = \"127.0.0.1\"\n\
+         [cutover]\nstate_file = \"/nonexistent-pgswitch-dir/state.json\"\n",
+    )
+    .unwrap();
+    for command in ["check-config", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+            .args([command, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("/nonexistent-pgswitch-dir/state"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+/// A state file lost after a cutover: blue carries pgswitch's fence and
+/// green does not, so pgswitch refuses to serve blue and says what to run;
+/// `pgswitch recover --active green` settles it, and pgswitch serves green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_state_file_is_refused_until_recover() {
+    let p = pair().await;
+    let mut proxy = Proxy::start(&proxy_config(&p, "", ""));
+    must_switch(&proxy, "/cutover").await;
+    proxy.kill();
+    std::fs::remove_file(p.state_file()).unwrap();
+    proxy.restart_unready();
+    let exit = proxy.wait_exit(WAIT).expect("pgswitch refuses to start");
+    assert!(!exit.success());
+    let logs = proxy.logs();
+    assert!(logs.contains("pgswitch recover --active"), "{logs}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["recover", "--active", "green", "--config"])
+        .arg(&proxy.config_path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("green is active"), "{text}");
+    proxy.restart();
+    check_consistent(&p, &proxy, "green", &[], "after pgswitch recover").await;
+    // The fallback finds blue's fence on blue itself, though the state file
+    // was rebuilt, and lifts it.
+    must_switch(&proxy, "/fallback").await;
+    check_consistent(&p, &proxy, "blue", &[], "fallback after pgswitch recover").await;
+}

@@ -411,6 +411,8 @@ async fn cutover_abort_paths() {
             .unwrap();
     assert_eq!(row.get::<_, i32>(0), p.blue.port as i32);
     assert_eq!(status(&proxy).await["active"], "blue");
+    // Nothing left behind: what prepare created is dropped again.
+    assert_eq!(p.reverse_objects().await, 0, "{report}");
     // Nothing was left fenced: a direct write on blue works.
     let direct = p.blue.connect("app", "app", "app").await;
     direct

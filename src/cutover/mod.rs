@@ -167,7 +167,7 @@ const HISTORY: usize = 100;
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How often the idle forward slot is advanced while green is active.
-const ADVANCE_INTERVAL: Duration = Duration::from_secs(30);
+const ADVANCE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long after a switch the old side's idle connections are closed.
 const OLD_SIDE_GRACE: Duration = Duration::from_millis(500);
@@ -255,6 +255,25 @@ impl Controller {
         next.active = target;
         next.intent = None;
         next.fences.remove(target.as_str());
+        // The other side's fence as the server has it (a forced target may
+        // differ from what the state file knew).
+        let other = target.other();
+        match replication::pgswitch_fence(sides.get(other)).await {
+            Ok(Some(fence)) => {
+                next.fences.insert(other.as_str().to_owned(), fence);
+            }
+            Ok(None) => {
+                next.fences.remove(other.as_str());
+            }
+            Err(e) => {
+                let e = RecoverError::Side {
+                    side: other,
+                    source: e,
+                };
+                self.set_unreconciled(Some(e.to_string()));
+                return Err(e);
+            }
+        }
         self.store(next)
             .map_err(|e| RecoverError::Undecidable(e.to_string()))?;
         self.set_unreconciled(None);

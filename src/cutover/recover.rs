@@ -44,7 +44,7 @@ pub struct Sides<'c> {
 }
 
 impl Sides<'_> {
-    fn get(&self, side: Side) -> &Client {
+    pub fn get(&self, side: Side) -> &Client {
         match side {
             Side::Blue => self.blue,
             Side::Green => self.green,

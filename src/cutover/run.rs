@@ -273,12 +273,18 @@ impl<'a> Run<'a> {
         // (client errors right after the swap). A fence on the side that is
         // about to become active guards nothing worth the risk; an abort
         // puts it back. Idle pooled connections to the target may predate the
-        // unfence (a dry run warms a fenced side): they are closed.
+        // unfence (a dry run warms a fenced side): they are closed. The fence
+        // is read from the target's markers, not from the state file, which
+        // may not know it (a state file restored by `pgswitch recover`).
         if !dry_run {
-            if let Some(old_fence) = self.controller.persisted().fences.get(to.as_str()).cloned() {
-                let conn = self.conn(to)?;
-                let work = async { Ok(replication::unfence(conn, &old_fence).await?) };
-                phase!(self, "unfence", work);
+            let conn = self.conn(to)?;
+            let work = async {
+                match replication::pgswitch_fence(conn).await? {
+                    Some(fence) => Ok(replication::unfence(conn, &fence).await.map(|_| true)?),
+                    None => Ok(false),
+                }
+            };
+            if phase!(self, "unfence", work) {
                 for pool in target.pools() {
                     pool.close_idle();
                 }

@@ -82,10 +82,16 @@ pub async fn admin(pg: &PgServer) -> Client {
 /// mode). Blue publishes all tables, green subscribes as "pgswitch"; returns
 /// once the subscription streams with every table ready.
 pub async fn pair() -> Pair {
+    pair_with(Vec::new()).await
+}
+
+/// [`pair`], with extra `postgresql.conf` lines on green.
+pub async fn pair_with(green_conf: Vec<String>) -> Pair {
     let hb = std::thread::spawn(|| PgServer::start(PgOptions::default()));
     let hg = std::thread::spawn(|| {
         PgServer::start(PgOptions {
             version: PgVersion::V17,
+            extra_conf: green_conf,
             ..Default::default()
         })
     });
@@ -257,6 +263,29 @@ pub async fn server_port(c: &Client) -> i32 {
 }
 
 impl Pair {
+    /// How many of the reverse direction's objects exist: its slot and
+    /// publication on green, its subscription on blue.
+    pub async fn reverse_objects(&self) -> i64 {
+        let mut n = 0;
+        for (c, sql) in [
+            (
+                &self.g,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgswitch_reverse'",
+            ),
+            (
+                &self.g,
+                "SELECT count(*) FROM pg_publication WHERE pubname = 'pgswitch_reverse'",
+            ),
+            (
+                &self.b,
+                "SELECT count(*) FROM pg_subscription WHERE subname = 'pgswitch_reverse'",
+            ),
+        ] {
+            n += c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0);
+        }
+        n
+    }
+
     /// Where the proxies in front of this pair keep their state file.
     pub fn state_file(&self) -> std::path::PathBuf {
         self.dir.path().join("state.json")

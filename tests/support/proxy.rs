@@ -234,6 +234,13 @@ impl Proxy {
         }
     }
 
+    /// Kills (SIGKILL) and starts the proxy again without waiting for it to
+    /// listen (for a start that must fail: combine with `wait_exit`).
+    pub fn restart_unready(&mut self) {
+        self.kill();
+        self.spawn_process();
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         stop_reaper(&mut self.reaper);
