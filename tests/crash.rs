@@ -479,7 +479,15 @@ async fn fallback_100ms_after_a_cutover() {
         let writer = Writer::start(proxy.port);
         must_switch(&proxy, "/cutover").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        must_switch(&proxy, "/fallback").await;
+        let (code, report) = switch(&proxy, "/fallback", "").await;
+        assert_eq!(code, 200, "{report}");
+        // The cutover answered once the reverse direction streamed: the
+        // fallback had no worker to wait for.
+        let waited = report["phases"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "wait_worker"))
+            .map(|p| p["ms"].as_f64().unwrap_or(0.0));
+        assert!(waited.is_none(), "{report}");
         let acked = writer.finish().await;
         check_consistent(&p, &proxy, "blue", &acked, "fallback 100 ms after cutover").await;
     }

@@ -221,7 +221,10 @@ impl<'a> Run<'a> {
         // 1. Preflight: no effect on traffic. A just-enabled direction's
         // worker may still be starting: that wait is not counted against the
         // switch's timeout.
-        let waited = self.wait_for_worker(stream.subscription).await;
+        let waited = match super::connect_side(self.config, to, self.remaining()).await {
+            Ok(conn) => wait_for_worker(&conn, stream.subscription).await,
+            Err(_) => Duration::ZERO,
+        };
         if !waited.is_zero() {
             self.report.phase("wait_worker", waited);
             self.deadline = Instant::now() + self.timeout;
@@ -502,39 +505,6 @@ impl<'a> Run<'a> {
         Ok(Conns { from, to, fence })
     }
 
-    /// Waits (up to [`WORKER_START_WAIT`]) while `subscription` on the target
-    /// is enabled but its apply worker does not stream yet; returns how long.
-    /// Anything else is left to the preflight to judge.
-    async fn wait_for_worker(&self, subscription: &str) -> Duration {
-        let started = Instant::now();
-        let Ok(conn) =
-            super::connect_side(self.config, self.direction.to(), self.remaining()).await
-        else {
-            return Duration::ZERO;
-        };
-        let mut logged = false;
-        while started.elapsed() < WORKER_START_WAIT {
-            match replication::subscription_status(&conn, subscription).await {
-                Ok(st) if st.enabled && !st.streaming => {
-                    if !logged {
-                        tracing::info!(
-                            subscription,
-                            "waiting for the subscription's apply worker to start"
-                        );
-                        logged = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                _ => break,
-            }
-        }
-        if logged {
-            started.elapsed()
-        } else {
-            Duration::ZERO
-        }
-    }
-
     async fn preflight_lag(&self, stream: &Stream<'_>) -> Result<u64, CutoverError> {
         let conns = self.conns()?;
         Ok(replication::replication_lag(&conns.from, stream.slot)
@@ -681,6 +651,19 @@ impl<'a> Run<'a> {
     /// intent; a fallback drops the reverse direction, now idle (its slot
     /// would retain green's WAL for ever).
     pub(super) async fn after_resume(&mut self, outcome: Outcome) {
+        if outcome == Outcome::Switched {
+            // The direction just started streams before the switch answers,
+            // so that the way back is open at once: PostgreSQL may start its
+            // worker seconds after the subscription was enabled.
+            let started = recover::subscription_into(self.config, self.direction.from());
+            if let Some(conns) = &self.conns {
+                self.controller.set_phase("streaming");
+                let waited = wait_for_worker(&conns.from, &started).await;
+                if !waited.is_zero() {
+                    self.report.phase("streaming", waited);
+                }
+            }
+        }
         let finish_abort = outcome == Outcome::Aborted && self.rolled_back;
         let after_fallback = outcome == Outcome::Switched && self.direction == Direction::Fallback;
         if !finish_abort && !after_fallback {
@@ -749,5 +732,33 @@ fn conninfo_value(v: &str) -> String {
         v.to_owned()
     } else {
         format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+}
+
+/// Waits (up to [`WORKER_START_WAIT`]) while `subscription` is enabled but
+/// its apply worker does not stream yet; returns how long it waited.
+/// Anything else is left to the caller to judge.
+async fn wait_for_worker(conn: &Client, subscription: &str) -> Duration {
+    let started = Instant::now();
+    let mut waited = false;
+    while started.elapsed() < WORKER_START_WAIT {
+        match replication::subscription_status(conn, subscription).await {
+            Ok(st) if st.enabled && !st.streaming => {
+                if !waited {
+                    tracing::info!(
+                        subscription,
+                        "waiting for the subscription's apply worker to start"
+                    );
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            _ => break,
+        }
+    }
+    if waited {
+        started.elapsed()
+    } else {
+        Duration::ZERO
     }
 }
