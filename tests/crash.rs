@@ -395,17 +395,22 @@ async fn sigkill_at_every_point_of_a_fallback() {
     .await;
 }
 
-/// Green (the target) crashes while a cutover is held at a phase; the
-/// cutover aborts (or, after the commit point, stays switched); green
-/// comes back and pgswitch reconciles on its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn target_crash_at_every_phase_of_a_cutover() {
-    let (mut p, mut proxy) = setup().await;
+/// Crashes the target (an immediate shutdown) while `path` is held at each
+/// phase; the switch aborts (or, past its last server step, goes through);
+/// the target comes back and pgswitch reconciles on its own. Starts and
+/// ends every case with `from` active.
+async fn crash_target_at_every_phase(
+    p: &mut Pair,
+    proxy: &mut Proxy,
+    path: &'static str,
+    back: &'static str,
+    from: &'static str,
+    points: &[&str],
+) {
+    let to = other(from);
     let release = p.dir.path().join("release");
-    for point in [
-        "prepare", "warm", "drain", "catch_up", "switch", "persist", "switched",
-    ] {
-        let context = format!("green crashed at {point}");
+    for point in points {
+        let context = format!("{path}: {to} crashed at {point}");
         let _ = std::fs::remove_file(&release);
         proxy.env = stall_env(point);
         proxy.env.push((
@@ -414,45 +419,73 @@ async fn target_crash_at_every_phase_of_a_cutover() {
         ));
         proxy.restart();
         let writer = Writer::start(proxy.port);
-        let request = held_switch(&proxy, "/cutover", point).await;
-        p.green.kill();
+        let request = held_switch(proxy, path, point).await;
+        target(p, to).kill();
         std::fs::write(&release, b"").unwrap();
         let (code, body) = request.await.unwrap();
         let report: serde_json::Value = serde_json::from_str(&body).unwrap();
         // Held at `persist`, every server step is done (durably): the commit
-        // point itself is the local state file, so the cutover goes through
-        // and green takes the traffic once it is back.
-        let switched = committed(point) || point == "persist";
+        // point itself is the local state file, so the switch goes through
+        // and the target takes the traffic once it is back.
+        let switched = committed(point) || *point == "persist";
         assert_eq!(
             report["outcome"],
             if switched { "switched" } else { "aborted" },
             "{context}: HTTP {code} {report}"
         );
-        p.green.restart();
-        p.g = admin(&p.green).await;
+        restart(p, to).await;
         let acked = writer.finish().await;
-        let active = if switched { "green" } else { "blue" };
-        check_consistent(&p, &proxy, active, &acked, &context).await;
+        let active = if switched { to } else { from };
+        check_consistent(p, proxy, active, &acked, &context).await;
         if switched {
-            must_switch(&proxy, "/fallback").await;
-            check_consistent(
-                &p,
-                &proxy,
-                "blue",
-                &[],
-                &format!("{context}, then fallback"),
-            )
-            .await;
+            must_switch(proxy, back).await;
+            check_consistent(p, proxy, from, &[], &format!("{context}, then {back}")).await;
         }
         eprintln!(
             "CASE {context}: {} acknowledged writes checked",
             acked.len()
         );
     }
-
-    // Green crashes the moment the cutover answered.
     proxy.env.clear();
     proxy.restart();
+}
+
+fn target<'p>(p: &'p mut Pair, side: &str) -> &'p mut PgServer {
+    if side == "blue" {
+        &mut p.blue
+    } else {
+        &mut p.green
+    }
+}
+
+/// Starts a crashed server again and reopens the test's admin connection.
+async fn restart(p: &mut Pair, side: &str) {
+    target(p, side).restart();
+    if side == "blue" {
+        p.b = admin(&p.blue).await;
+    } else {
+        p.g = admin(&p.green).await;
+    }
+}
+
+const TARGET_CRASH_POINTS: &[&str] = &[
+    "prepare", "warm", "drain", "catch_up", "switch", "persist", "switched",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_crash_at_every_phase_of_a_cutover() {
+    let (mut p, mut proxy) = setup().await;
+    crash_target_at_every_phase(
+        &mut p,
+        &mut proxy,
+        "/cutover",
+        "/fallback",
+        "blue",
+        TARGET_CRASH_POINTS,
+    )
+    .await;
+
+    // Green crashes the moment the cutover answered.
     let writer = Writer::start(proxy.port);
     must_switch(&proxy, "/cutover").await;
     p.green.kill();
@@ -631,4 +664,21 @@ async fn lost_state_file_is_refused_until_recover() {
     // was rebuilt, and lifts it.
     must_switch(&proxy, "/fallback").await;
     check_consistent(&p, &proxy, "blue", &[], "fallback after pgswitch recover").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn target_crash_at_every_phase_of_a_fallback() {
+    let (mut p, mut proxy) = setup().await;
+    must_switch(&proxy, "/cutover").await;
+    let mut points = TARGET_CRASH_POINTS.to_vec();
+    points.push("cleanup");
+    crash_target_at_every_phase(
+        &mut p,
+        &mut proxy,
+        "/fallback",
+        "/cutover",
+        "green",
+        &points,
+    )
+    .await;
 }
