@@ -682,3 +682,27 @@ async fn target_crash_at_every_phase_of_a_fallback() {
     )
     .await;
 }
+
+/// Without a state file a crash in a switch could not be undone: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_without_a_state_file_is_refused() {
+    let p = pair().await;
+    let line = format!("state_file = \"{}\"\n", p.state_file().display());
+    let config = proxy_config(&p, "", "");
+    assert!(config.contains(&line), "{config}");
+    let proxy = Proxy::start(&config.replace(&line, ""));
+    let (code, report) = switch(&proxy, "/cutover", "").await;
+    assert_eq!(code, 409, "{report}");
+    assert_eq!(report["outcome"], "refused", "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("state_file"),
+        "{report}"
+    );
+    assert_eq!(status(&proxy).await["active"], "blue");
+    // A dry run needs none: it changes nothing.
+    let (code, report) = switch(&proxy, "/cutover", r#"{"dry_run": true}"#).await;
+    assert_eq!(code, 200, "{report}");
+}
