@@ -158,8 +158,13 @@ impl Recovery {
     }
 }
 
-/// How long one reconcile may take (connections included).
+/// How long one reconcile's steps may wait (a subscription's workers to stop).
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a reconcile waits for each side's admin connection. Short: at
+/// start the proxy listens only after this, and a side that does not answer
+/// is retried in the background anyway.
+pub const RECONCILE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 const HISTORY: usize = 100;
 
@@ -212,7 +217,7 @@ impl Controller {
             .or(state.intent.as_ref().map(|i| i.from))
             .unwrap_or(state.active);
         let connect = |side| async move {
-            connect_side(config, side, RECONCILE_TIMEOUT)
+            connect_side(config, side, RECONCILE_CONNECT_TIMEOUT)
                 .await
                 .map_err(|e| RecoverError::Side {
                     side,
@@ -296,6 +301,9 @@ impl Controller {
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut since_advance = Duration::MAX;
+        // The last failure logged, and when: a side that stays down is
+        // logged when the error changes and once a minute, not every round.
+        let mut logged: Option<(String, std::time::Instant)> = None;
         loop {
             tick.tick().await;
             let Ok(_running) = self.running.try_lock() else {
@@ -308,10 +316,18 @@ impl Controller {
             if self.unreconciled().is_some() || self.persisted().intent.is_some() {
                 match self.recover(&config, None).await {
                     Ok(changes) => {
+                        logged = None;
                         tracing::warn!(?changes, "the servers match the state file again")
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "reconciling the servers failed; retrying")
+                        let e = e.to_string();
+                        let repeat = logged.as_ref().is_some_and(|(last, at)| {
+                            *last == e && at.elapsed() < Duration::from_secs(60)
+                        });
+                        if !repeat {
+                            tracing::error!(error = %e, "reconciling the servers failed; retrying every 2 s");
+                            logged = Some((e, std::time::Instant::now()));
+                        }
                     }
                 }
                 continue;
@@ -319,7 +335,8 @@ impl Controller {
             since_advance = since_advance.saturating_add(RETRY_INTERVAL);
             if self.persisted().active == Side::Green && since_advance >= ADVANCE_INTERVAL {
                 since_advance = Duration::ZERO;
-                if let Ok(blue) = connect_side(&config, Side::Blue, RECONCILE_TIMEOUT).await {
+                if let Ok(blue) = connect_side(&config, Side::Blue, RECONCILE_CONNECT_TIMEOUT).await
+                {
                     if let Err(e) = recover::keep_idle_slot_advanced(&config, &blue).await {
                         tracing::warn!(error = %e, "could not advance the idle forward slot on blue");
                     }
