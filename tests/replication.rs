@@ -454,11 +454,23 @@ async fn fence_blocks_app_writes_but_not_replication() {
         .unwrap_err();
     assert!(matches!(err, ReplicationError::InvalidState(_)), "{err}");
 
+    // A fence over a fence (one a crash left): the plan keeps what the
+    // roles had before the first, recorded in pgswitch's markers, instead
+    // of taking the fence for the operator's setting.
+    let again = repl::fence(&p.g, &roles).await.unwrap();
+    assert_eq!(
+        again.roles, f.roles,
+        "previous settings survive a second fence"
+    );
+    let marked = repl::pgswitch_fence(&p.g).await.unwrap().expect("markers");
+    assert_eq!(marked.roles, f.roles);
+
     let fenced_session = p.green.connect("app", "app", "app").await;
-    let ended = repl::unfence(&p.g, &f).await.unwrap();
+    let ended = repl::unfence(&p.g, &again).await.unwrap();
     assert!(ended >= 1, "sessions started while fenced are ended");
     assert!(fenced_session.simple_query("SELECT 1").await.is_err());
     assert_eq!(settings(&p.green), original);
+    assert!(repl::pgswitch_fence(&p.g).await.unwrap().is_none());
     let c = p.green.connect("app", "app", "app").await;
     c.execute("INSERT INTO events (note) VALUES ('after unfence')", &[])
         .await
