@@ -40,20 +40,11 @@ const CUTOVER_POINTS: &[&str] = &[
 ];
 
 /// A fallback has the same points, and a cleanup after the gate opened.
-const FALLBACK_POINTS: &[&str] = &[
-    "intent",
-    "prepare",
-    "unfence",
-    "warm",
-    "plan_fence",
-    "stage_state",
-    "drain",
-    "catch_up",
-    "switch",
-    "persist",
-    "switched",
-    "cleanup",
-];
+fn fallback_points() -> Vec<&'static str> {
+    let mut points = CUTOVER_POINTS.to_vec();
+    points.push("cleanup");
+    points
+}
 
 /// Points after the commit point: a restart comes back on the new side.
 fn committed(point: &str) -> bool {
@@ -390,7 +381,7 @@ async fn sigkill_at_every_point_of_a_fallback() {
         "/fallback",
         "/cutover",
         "green",
-        FALLBACK_POINTS,
+        &fallback_points(),
     )
     .await;
 }

@@ -50,7 +50,7 @@
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 use super::{Lsn, ReplicationError, Step};
 
@@ -236,17 +236,7 @@ pub async fn flush_and_mark(publisher: &Client) -> Result<Lsn, ReplicationError>
         )
         .await
         .step(step)?;
-    let text = messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0),
-            _ => None,
-        })
-        .ok_or_else(|| ReplicationError::Unexpected {
-            step: step.into(),
-            detail: "no LSN returned".into(),
-        })?;
-    text.parse()
+    super::first_lsn(&messages, step)
 }
 
 /// How often [`wait_applied`] polls. The catch-up is inside the pause, so

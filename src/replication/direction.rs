@@ -118,6 +118,21 @@ async fn sub_info(
     }
 }
 
+async fn publication_exists(
+    c: &Client,
+    publication: &str,
+    step: &str,
+) -> Result<bool, ReplicationError> {
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .step(step)?;
+    Ok(row.try_get::<_, i64>(0).step(step)? > 0)
+}
+
 /// Terminates every worker of a (disabled) subscription and waits until
 /// none runs, so that nothing applies through it any more.
 async fn stop_workers(
@@ -286,17 +301,7 @@ async fn durable_insert_position(c: &Client) -> Result<Lsn, ReplicationError> {
         )
         .await
         .step(step)?;
-    let text = messages
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
-            _ => None,
-        })
-        .ok_or_else(|| ReplicationError::Unexpected {
-            step: step.into(),
-            detail: "no LSN returned".into(),
-        })?;
-    text.parse()
+    super::first_lsn(&messages, step)
 }
 
 /// Prepares the reverse direction ahead of the pause (idempotent): on the new
@@ -331,14 +336,7 @@ pub async fn prepare_reverse(
     }
 
     let step = format!("create publication {:?}", names.publication);
-    let row = new_side
-        .query_one(
-            "SELECT count(*) FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[&names.publication],
-        )
-        .await
-        .step(&step)?;
-    if row.try_get::<_, i64>(0).step(&step)? == 0 {
+    if !publication_exists(new_side, &names.publication, &step).await? {
         new_side
             .batch_execute(&format!(
                 "CREATE PUBLICATION {} FOR ALL TABLES",
@@ -490,14 +488,7 @@ pub async fn drop_reverse(
         }
     }
     let step = format!("drop publication {:?}", names.publication);
-    let row = new_side
-        .query_one(
-            "SELECT count(*) FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[&names.publication],
-        )
-        .await
-        .step(&step)?;
-    if row.try_get::<_, i64>(0).step(&step)? > 0 {
+    if publication_exists(new_side, &names.publication, &step).await? {
         new_side
             .batch_execute(&format!("DROP PUBLICATION {}", ident(&names.publication)))
             .await

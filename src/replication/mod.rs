@@ -190,3 +190,21 @@ pub(crate) fn ident(s: &str) -> String {
 pub(crate) fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
+
+/// The LSN in the first column of the first row of a simple query's answer.
+fn first_lsn(
+    messages: &[tokio_postgres::SimpleQueryMessage],
+    step: &str,
+) -> Result<Lsn, ReplicationError> {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .ok_or_else(|| ReplicationError::Unexpected {
+            step: step.into(),
+            detail: "no LSN returned".into(),
+        })?
+        .parse()
+}
