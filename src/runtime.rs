@@ -73,6 +73,38 @@ impl Runtime {
         })
     }
 
+    /// Before taking clients: brings the servers to the state file's answer
+    /// (undoing a switch that a crash interrupted). When a side does not
+    /// answer, serves anyway and keeps retrying; when the servers contradict
+    /// the state file, refuses to start.
+    async fn reconcile_at_start(&self, config: &Config) -> Result<(), StartError> {
+        if !crate::cutover::manages_replication(config) {
+            return Ok(());
+        }
+        if let Some(intent) = self.cutover.persisted().intent {
+            tracing::warn!(kind = intent.kind, from = %intent.from, to = %intent.to, started_at_ms = intent.started_at_ms,
+                "found an unfinished switch in the state file: undoing it");
+        }
+        match self.cutover.recover(config, None).await {
+            Ok(changes) if changes.is_empty() => {
+                tracing::info!("the servers match the state file");
+                Ok(())
+            }
+            Ok(changes) => {
+                for change in &changes {
+                    tracing::warn!(change, "reconciled");
+                }
+                Ok(())
+            }
+            Err(RecoverError::Undecidable(why)) => Err(StartError::Recover(why)),
+            Err(e) => {
+                tracing::error!(error = %e, active = %self.cutover.persisted().active,
+                    "could not reconcile the servers with the state file; serving and retrying");
+                Ok(())
+            }
+        }
+    }
+
     /// Runs the proxy until SIGTERM/SIGINT and a graceful drain.
     pub async fn run(self) -> Result<(), StartError> {
         let data = &self.data;
@@ -132,40 +164,6 @@ impl Runtime {
         drop(listener);
         shutdown(data).await;
         Ok(())
-    }
-}
-
-impl Runtime {
-    /// Before taking clients: brings the servers to the state file's answer
-    /// (undoing a switch that a crash interrupted). When a side does not
-    /// answer, serves anyway and keeps retrying; when the servers contradict
-    /// the state file, refuses to start.
-    async fn reconcile_at_start(&self, config: &Config) -> Result<(), StartError> {
-        if !crate::cutover::manages_replication(config) {
-            return Ok(());
-        }
-        if let Some(intent) = self.cutover.persisted().intent {
-            tracing::warn!(kind = intent.kind, from = %intent.from, to = %intent.to, started_at_ms = intent.started_at_ms,
-                "found an unfinished switch in the state file: undoing it");
-        }
-        match self.cutover.recover(config, None).await {
-            Ok(changes) if changes.is_empty() => {
-                tracing::info!("the servers match the state file");
-                Ok(())
-            }
-            Ok(changes) => {
-                for change in &changes {
-                    tracing::warn!(change, "reconciled");
-                }
-                Ok(())
-            }
-            Err(RecoverError::Undecidable(why)) => Err(StartError::Recover(why)),
-            Err(e) => {
-                tracing::error!(error = %e, active = %self.cutover.persisted().active,
-                    "could not reconcile the servers with the state file; serving and retrying");
-                Ok(())
-            }
-        }
     }
 }
 
