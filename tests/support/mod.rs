@@ -11,6 +11,7 @@
 //!   `app`/`secret` role, and tokio-postgres clients.
 //! * [`wait_until`], [`wait_for`] (and `_sync` variants) – polling helpers.
 //! * [`Raw`] – a raw wire-protocol client.
+//! * [`rss_kib`], [`peak_rss_kib`], [`reset_peak_rss`] – a process's memory.
 //! * [`free_port`], [`psql_bin`], [`pgbench_bin`], signal constants.
 //!
 //! Everything here is synchronous (blocking) except the client helpers
@@ -32,6 +33,7 @@ mod client;
 mod config;
 mod pg;
 mod proxy;
+mod rss;
 mod wait;
 mod wire;
 
@@ -39,6 +41,7 @@ pub use client::*;
 pub use config::*;
 pub use pg::*;
 pub use proxy::*;
+pub use rss::*;
 pub use wait::*;
 pub use wire::*;
 
