@@ -20,7 +20,7 @@ use crate::config::{Config, ConfigError, Side};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolKey};
 use crate::server::BackendAddr;
-use crate::statements::StatementRegistry;
+use crate::statements::{self, StatementRegistry};
 use crate::switch::Switch;
 use crate::tls::{ClientTls, ServerTls, TlsError};
 
@@ -121,6 +121,7 @@ impl DataPlane {
         let backends = Backends::new(blue.clone(), green);
         let active = backends.get(active).unwrap_or(blue);
         let secrets = UserSecrets::derive(&config);
+        let statements = StatementRegistry::new(statement_limits(&config));
         Ok(Arc::new(DataPlane {
             config: ArcSwap::from_pointee(config),
             secrets: ArcSwap::from_pointee(secrets),
@@ -128,7 +129,7 @@ impl DataPlane {
             client_tls: ArcSwap::from_pointee(client_tls),
             backends,
             switch: Arc::new(Switch::new(active)),
-            statements: StatementRegistry::default(),
+            statements,
             cancels: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU32::new(1),
@@ -219,11 +220,20 @@ impl DataPlane {
             );
         }
         self.backends.reconfigure(&config);
+        self.statements.set_limits(statement_limits(&config));
         self.secrets.store(Arc::new(secrets));
         // The auth settings may have changed: look users up afresh.
         self.auth_query.clear_cache();
         self.client_tls.store(Arc::new(client_tls));
         self.config.store(Arc::new(config));
         Ok(())
+    }
+}
+
+/// The statement registry's bounds in `config`.
+fn statement_limits(config: &Config) -> statements::Limits {
+    statements::Limits {
+        entries: config.proxy.prepared_statements_max,
+        bytes: config.proxy.prepared_statements_max_bytes.bytes(),
     }
 }

@@ -144,6 +144,33 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// Makes memory freed after a long message go back to the system.
+///
+/// glibc's malloc serves allocations of 128 KiB and more with their own
+/// mapping, returned at once when freed, but it raises that threshold to the
+/// size of each such block freed (up to 32 MiB). After the first long message,
+/// the buffers and statement texts of the next ones come from its heaps, where
+/// freed memory mostly stays resident: an idle proxy would keep the memory of
+/// its busiest moment. Setting the threshold (to its default) turns that off.
+/// Nothing on the common path allocates that much at a time.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_freed_memory_to_the_system() {
+    use std::ffi::c_int;
+    const M_MMAP_THRESHOLD: c_int = -3;
+    extern "C" {
+        fn mallopt(param: c_int, value: c_int) -> c_int;
+    }
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; it is
+    // called once, before any other thread exists.
+    let done = unsafe { mallopt(M_MMAP_THRESHOLD, 128 * 1024) };
+    if done != 1 {
+        eprintln!("pgswitch: warning: could not set malloc's mmap threshold");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_freed_memory_to_the_system() {}
+
 /// The proxy's runtime: `worker_threads` threads, or one per core.
 fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -249,6 +276,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
+            return_freed_memory_to_the_system();
             let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {

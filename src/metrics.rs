@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::statements::RegistryStats;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
     /// "active" (holding a server connection), "waiting" (for one), "idle".
@@ -51,6 +53,10 @@ pub struct Metrics {
     pub replication_lag_bytes: Gauge,
     clients: Family<ClientLabels, Gauge>,
     server_connections: Family<ServerLabels, Gauge>,
+    prepared_statements: Gauge,
+    prepared_statement_bytes: Gauge,
+    prepared_statements_evicted: Counter,
+    prepared_statements_refused: Counter,
 }
 
 /// The live state a scrape reports as gauges.
@@ -61,6 +67,8 @@ pub struct Snapshot {
     pub clients_waiting: usize,
     /// (backend, active, idle) server connections.
     pub servers: Vec<(&'static str, usize, usize)>,
+    /// The prepared-statement registry.
+    pub statements: RegistryStats,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -89,6 +97,10 @@ impl Metrics {
         let replication_lag_bytes = Gauge::default();
         let clients = Family::<ClientLabels, Gauge>::default();
         let server_connections = Family::<ServerLabels, Gauge>::default();
+        let prepared_statements = Gauge::default();
+        let prepared_statement_bytes = Gauge::default();
+        let prepared_statements_evicted = Counter::default();
+        let prepared_statements_refused = Counter::default();
         registry.register(
             "transactions",
             "Transactions completed (ReadyForQuery idle)",
@@ -135,6 +147,26 @@ impl Metrics {
             "Server connections by backend and state",
             server_connections.clone(),
         );
+        registry.register(
+            "prepared_statements",
+            "Distinct named statements held for clients (transaction mode)",
+            prepared_statements.clone(),
+        );
+        registry.register(
+            "prepared_statement_bytes",
+            "Memory the held named statements take: text and bookkeeping",
+            prepared_statement_bytes.clone(),
+        );
+        registry.register(
+            "prepared_statements_evicted",
+            "Named statements forgotten once no client held them",
+            prepared_statements_evicted.clone(),
+        );
+        registry.register(
+            "prepared_statements_refused",
+            "Parses refused because prepared_statements_max or _max_bytes was reached",
+            prepared_statements_refused.clone(),
+        );
         Metrics {
             registry,
             transactions,
@@ -147,6 +179,10 @@ impl Metrics {
             replication_lag_bytes,
             clients,
             server_connections,
+            prepared_statements,
+            prepared_statement_bytes,
+            prepared_statements_evicted,
+            prepared_statements_refused,
         }
     }
 
@@ -179,6 +215,16 @@ impl Metrics {
                     .set(value as i64);
             }
         }
+        let stats = &snapshot.statements;
+        self.prepared_statements.set(stats.entries as i64);
+        self.prepared_statement_bytes.set(stats.bytes as i64);
+        // The registry counts; the counters catch up to it.
+        for (counter, total) in [
+            (&self.prepared_statements_evicted, stats.evicted),
+            (&self.prepared_statements_refused, stats.refused),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -200,6 +246,12 @@ mod tests {
             clients_active: 2,
             clients_waiting: 1,
             servers: vec![("blue", 2, 3)],
+            statements: RegistryStats {
+                entries: 4,
+                bytes: 1000,
+                evicted: 7,
+                refused: 1,
+            },
         });
         assert!(text.contains("pgswitch_transactions_total 1"), "{text}");
         assert!(
@@ -214,5 +266,13 @@ mod tests {
             text.contains("pgswitch_server_connections{backend=\"blue\",state=\"idle\"} 3"),
             "{text}"
         );
+        for line in [
+            "pgswitch_prepared_statements 4",
+            "pgswitch_prepared_statement_bytes 1000",
+            "pgswitch_prepared_statements_evicted_total 7",
+            "pgswitch_prepared_statements_refused_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
     }
 }

@@ -250,6 +250,7 @@ impl Pool {
             && conn.created.elapsed() < lifetime
         {
             conn.idle_since = Instant::now();
+            conn.shrink_buffer();
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

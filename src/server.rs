@@ -131,6 +131,11 @@ impl UserFacingError for ServerError {
     }
 }
 
+/// A server connection's read buffer when it opens.
+const READ_BUFFER: usize = 8 * 1024;
+/// An idle connection's read buffer larger than this is replaced by a new one.
+const IDLE_READ_BUFFER: usize = 64 * 1024;
+
 pub struct ServerConn {
     pub stream: ServerStream,
     pub rbuf: BytesMut,
@@ -189,7 +194,7 @@ impl ServerConn {
         let now = Instant::now();
         let mut conn = ServerConn {
             stream,
-            rbuf: BytesMut::with_capacity(8192),
+            rbuf: BytesMut::with_capacity(READ_BUFFER),
             addr,
             backend_pid: 0,
             backend_secret: 0,
@@ -462,6 +467,15 @@ impl ServerConn {
             Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf),
             Poll::Pending
         )
+    }
+
+    /// An idle connection keeps no more buffer than a new one: a long
+    /// message held whole (a RowDescription of many columns) may have grown
+    /// its read buffer.
+    pub fn shrink_buffer(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ_BUFFER {
+            self.rbuf = BytesMut::with_capacity(READ_BUFFER);
+        }
     }
 
     /// Says goodbye to the server without waiting (on TLS with a close_notify,

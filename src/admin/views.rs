@@ -19,6 +19,7 @@ fn all_pools(data: &DataPlane) -> impl Iterator<Item = (Side, Arc<Pool>)> + '_ {
 pub fn metrics_snapshot(data: &DataPlane) -> Snapshot {
     let mut snapshot = Snapshot {
         clients_total: data.client_count(),
+        statements: data.statements.stats(),
         ..Snapshot::default()
     };
     for backend in data.backends.iter() {

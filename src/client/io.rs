@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
@@ -86,7 +86,13 @@ pub(super) fn read_client(
     read_some(stream, buf, cx)
 }
 
-/// Reads what the socket has now. True if anything was read; EOF is an error.
+/// The most one read takes, whatever room the buffer has: a buffer handed
+/// over whole by [`Passthrough`](crate::protocol::framing::Passthrough) may
+/// be larger than a fresh one, and what is read must stay bounded.
+const MAX_READ: usize = 64 * 1024;
+
+/// Reads what the socket has now (at most [`MAX_READ`]). True if anything was
+/// read; EOF is an error.
 pub(super) fn read_some<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
@@ -95,7 +101,7 @@ pub(super) fn read_some<S: AsyncRead + Unpin>(
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(8 * 1024);
     }
-    let n = match poll_read_buf(Pin::new(stream), cx, buf) {
+    let n = match poll_read_buf(Pin::new(stream), cx, &mut (&mut *buf).limit(MAX_READ)) {
         Poll::Ready(r) => r?,
         Poll::Pending => return Ok(false),
     };

@@ -474,7 +474,7 @@ mod tests {
         let mut cache = ServerStatements::new(10);
         let mut out = BytesMut::new();
         let registry = StatementRegistry::default();
-        let stmt = registry.intern(b"select 1\0\0\0");
+        let stmt = registry.intern(b"select 1\0\0\0").unwrap();
         p.hidden(Reply::Query, Undo::None);
         p.hidden(Reply::Parse, Undo::Prepared(stmt.clone()));
         p.request(Reply::Bind, Undo::None);
@@ -498,7 +498,7 @@ mod tests {
         let mut p = Pipeline::default();
         let mut cache = ServerStatements::new(10);
         let registry = StatementRegistry::default();
-        let stmt = registry.intern(b"select 1\0\0\0");
+        let stmt = registry.intern(b"select 1\0\0\0").unwrap();
         cache.insert(stmt.id);
         let mut out = BytesMut::new();
         p.request(Reply::Bind, Undo::None);
@@ -520,8 +520,8 @@ mod tests {
         let mut p = Pipeline::default();
         let mut cache = ServerStatements::new(10);
         let registry = StatementRegistry::default();
-        let refused = registry.intern(b"select 1\0\0\0");
-        let skipped = registry.intern(b"select 2\0\0\0");
+        let refused = registry.intern(b"select 1\0\0\0").unwrap();
+        let skipped = registry.intern(b"select 2\0\0\0").unwrap();
         cache.insert(refused.id);
         let mut out = BytesMut::new();
         let named = |name: &'static str, stmt: &Arc<Statement>, prepared| Undo::Named {
@@ -558,7 +558,7 @@ mod tests {
         let mut p = Pipeline::default();
         let mut cache = ServerStatements::new(10);
         let registry = StatementRegistry::default();
-        let stmt = registry.intern(b"rollback\0\0\0");
+        let stmt = registry.intern(b"rollback\0\0\0").unwrap();
         let mut out = BytesMut::new();
         p.request(
             Reply::Parse,
@@ -579,7 +579,7 @@ mod tests {
         let mut p = Pipeline::default();
         let mut cache = ServerStatements::new(10);
         let registry = StatementRegistry::default();
-        let stmt = registry.intern(b"select * from t\0\0\0");
+        let stmt = registry.intern(b"select * from t\0\0\0").unwrap();
         stmt.check_shape(b"\0\x01a\0");
         let mut out = BytesMut::new();
         p.hidden(Reply::Parse, Undo::Prepared(stmt.clone()));

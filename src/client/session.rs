@@ -6,6 +6,12 @@
 //! Both sockets are polled in one task with bounded buffers, so a client that
 //! pipelines faster than the server answers never deadlocks the pair, and a slow
 //! reader holds back only its own server.
+//!
+//! Memory per connection is bounded whatever the size of a message: one longer
+//! than `STREAM_THRESHOLD` that the proxy forwards unchanged (a DataRow, a
+//! Query, COPY data, a Bind's parameters behind its renamed front) passes
+//! through in pieces as it arrives (a [`Passthrough`]); what must be held whole
+//! (a named Parse, a ParameterStatus) is capped by `max_message_size`.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -19,7 +25,9 @@ use tokio::io::AsyncWriteExt;
 
 use super::io::{flush_tls, read_client, read_some, write_some};
 use super::pipeline::{Pipeline, Reply, Route, Synthetic, Undo};
-use super::translate::{answer_statement_command, Reset, Step, Translator};
+use super::translate::{
+    answer_statement_command, may_be_statement_command, Reset, Step, Translator,
+};
 use crate::backends::Backend;
 use crate::cancel::{CancelKey, CancelTarget};
 use crate::client_conn::{ClientConn, ClientError};
@@ -27,6 +35,7 @@ use crate::config::PoolMode;
 use crate::data_plane::DataPlane;
 use crate::pool::{Checkout, Pool, PoolKey};
 use crate::protocol::error::{sqlstate, ServerErrorFields};
+use crate::protocol::framing::{Passthrough, STREAM_THRESHOLD};
 use crate::protocol::messages::{self, backend, frontend};
 use crate::protocol::TxStatus;
 use crate::protocol::{FrameHeader, PgError};
@@ -84,6 +93,103 @@ pub struct Session {
     /// The client's next message waits for a server answer (see
     /// [`Step::Wait`]): read no more than `HIGH_WATER` of its messages meanwhile.
     waiting: bool,
+    /// The rest of a client message on its way to the server in pieces.
+    client_rest: Passthrough,
+    /// The rest of a server message on its way to the client in pieces.
+    server_rest: Passthrough,
+}
+
+/// What to do with a message longer than `STREAM_THRESHOLD` that is not all
+/// here yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// Wait for more: all of it (it is held whole), or enough of its front.
+    Wait,
+    /// Handle its front now and pass the rest on in pieces.
+    Stream,
+    /// It would be held whole and is over `max_message_size`.
+    TooLarge,
+}
+
+/// How much of a long Query's text tells whether it may be a statement
+/// command the proxy answers itself.
+const QUERY_HEAD: usize = 64;
+
+/// The most a Bind's portal and statement names may take together.
+pub(super) const BIND_NAMES_MAX: usize = STREAM_THRESHOLD;
+
+/// How much of a long ErrorResponse holds its severity and code (PostgreSQL
+/// sends them first).
+const ERROR_HEAD: usize = 4096;
+
+fn max_message_size(data: &DataPlane) -> usize {
+    data.config().proxy.max_message_size.bytes()
+}
+
+/// The verdict for a message that must be held whole: wait for all of it,
+/// unless it is over `limit`.
+fn held_whole(h: FrameHeader, limit: usize) -> Front {
+    if h.len - 1 <= limit {
+        Front::Wait
+    } else {
+        Front::TooLarge
+    }
+}
+
+/// How to take a long client message of which `buffered` (from its header
+/// on) is here. Session mode forwards everything unchanged; transaction mode
+/// holds whole what it must read or keep (a named Parse, which it interns;
+/// Describe, Close, Execute; a Query that may be a statement command) and
+/// needs a Bind's front up to its statement name, which it renames.
+fn client_front(transaction_mode: bool, h: FrameHeader, buffered: &[u8], limit: usize) -> Front {
+    if matches!(
+        h.tag,
+        frontend::SYNC | frontend::FLUSH | frontend::TERMINATE
+    ) {
+        return held_whole(h, limit);
+    }
+    if !transaction_mode {
+        return Front::Stream;
+    }
+    let body = &buffered[5..];
+    match h.tag {
+        frontend::PARSE => match body.first() {
+            None => Front::Wait,
+            Some(0) => Front::Stream,
+            Some(_) => held_whole(h, limit),
+        },
+        frontend::BIND => {
+            // Its portal and statement names, which no driver makes long.
+            let names = &body[..body.len().min(BIND_NAMES_MAX)];
+            if names.iter().filter(|&&b| b == 0).nth(1).is_some() {
+                Front::Stream
+            } else if names.len() == BIND_NAMES_MAX {
+                Front::TooLarge
+            } else {
+                Front::Wait
+            }
+        }
+        frontend::QUERY => match body.get(..QUERY_HEAD) {
+            None => Front::Wait,
+            Some(head) if may_be_statement_command(head) => held_whole(h, limit),
+            Some(_) => Front::Stream,
+        },
+        frontend::DESCRIBE | frontend::CLOSE | frontend::EXECUTE => held_whole(h, limit),
+        _ => Front::Stream,
+    }
+}
+
+/// How to take a long server message of which `buffered` is here: what the
+/// session reads (ReadyForQuery, ParameterStatus, a RowDescription the
+/// pipeline may compare) is held whole; of an ErrorResponse, its front.
+fn server_front(h: FrameHeader, buffered: &[u8], limit: usize) -> Front {
+    match h.tag {
+        backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::ROW_DESCRIPTION => {
+            held_whole(h, limit)
+        }
+        backend::ERROR_RESPONSE if buffered.len() < 5 + ERROR_HEAD => Front::Wait,
+        _ => Front::Stream,
+    }
 }
 
 /// Which side closed.
@@ -116,6 +222,8 @@ impl Session {
             tx_started: None,
             queries: 0,
             waiting: false,
+            client_rest: Passthrough::default(),
+            server_rest: Passthrough::default(),
         }
     }
 
@@ -217,8 +325,29 @@ impl Session {
         }
     }
 
+    /// A client message can be taken: all of it is here, or a long one's
+    /// front that may go ahead of the rest (or the rest of one under way).
     fn has_client_frame(&self) -> Result<bool, PgError> {
-        Ok(FrameHeader::complete(&self.cbuf)?.is_some())
+        if self.client_rest.is_active() {
+            return Ok(!self.cbuf.is_empty());
+        }
+        let Some(h) = FrameHeader::peek(&self.cbuf)? else {
+            return Ok(false);
+        };
+        if self.cbuf.len() >= h.len {
+            return Ok(true);
+        }
+        if h.len <= STREAM_THRESHOLD {
+            return Ok(false);
+        }
+        let transaction_mode = self.mode == PoolMode::Transaction;
+        let limit = max_message_size(&self.data);
+        Ok(client_front(transaction_mode, h, &self.cbuf, limit) != Front::Wait)
+    }
+
+    /// No message is partly through, either way.
+    fn between_messages(&self) -> bool {
+        !self.client_rest.is_active() && !self.server_rest.is_active()
     }
 
     /// No transaction in progress: nothing would be lost by ending here.
@@ -230,6 +359,7 @@ impl Session {
                     && server.tx_status == TxStatus::Idle
                     && self.pipeline.is_idle()
                     && self.to_server.is_empty()
+                    && self.between_messages()
             }
         }
     }
@@ -250,10 +380,14 @@ impl Session {
                     if name.is_empty() || self.statements.contains_key(name) {
                         break;
                     }
-                    let stmt = self.data.statements.intern_scoped(&self.scope, rest);
-                    if !stmt.is_validated() {
+                    let Some(stmt) = self
+                        .data
+                        .statements
+                        .get_scoped(&self.scope, rest)
+                        .filter(|s| s.is_validated())
+                    else {
                         break;
-                    }
+                    };
                     self.statements.insert(Bytes::copy_from_slice(name), stmt);
                     Some(Synthetic::ParseComplete)
                 }
@@ -357,6 +491,7 @@ impl Session {
         if server.tx_status != TxStatus::Idle
             || !self.pipeline.is_idle()
             || !self.to_server.is_empty()
+            || !self.between_messages()
         {
             return;
         }
@@ -371,25 +506,44 @@ impl Session {
         }
     }
 
-    /// Moves complete client frames to the server, rewriting statement names in
-    /// transaction mode. Returns true when the client sent Terminate.
+    /// Moves client messages to the server, rewriting statement names in
+    /// transaction mode: complete ones, and the front of a long one that may
+    /// go ahead, whose rest then follows as it arrives. Returns true when the
+    /// client sent Terminate.
     fn forward_client_frames(&mut self) -> Result<bool, PgError> {
         let Some(server) = self.server.as_mut() else {
             return Ok(false);
         };
         let server: &mut ServerConn = server;
+        if self.client_rest.is_active()
+            && !self.client_rest.pass(&mut self.cbuf, &mut self.to_server)
+        {
+            return Ok(false);
+        }
         let transaction_mode = self.mode == PoolMode::Transaction;
         let mut pos = 0;
         let mut terminated = false;
         self.waiting = false;
-        while let Some(h) = FrameHeader::complete(&self.cbuf[pos..])? {
-            let frame = &self.cbuf[pos..pos + h.len];
-            if h.tag == frontend::TERMINATE {
+        while let Some(h) = FrameHeader::peek(&self.cbuf[pos..])? {
+            let buffered = &self.cbuf[pos..];
+            let front = if buffered.len() >= h.len {
+                None
+            } else if h.len <= STREAM_THRESHOLD {
+                break;
+            } else {
+                let limit = max_message_size(&self.data);
+                match client_front(transaction_mode, h, buffered, limit) {
+                    Front::Wait => break,
+                    front => Some((front, limit)),
+                }
+            };
+            let frame = &buffered[..h.len.min(buffered.len())];
+            if h.tag == frontend::TERMINATE && front.is_none() {
                 pos += h.len;
                 terminated = true;
                 break;
             }
-            if transaction_mode {
+            let passed = if transaction_mode {
                 let mut tx = Translator {
                     data: &self.data,
                     server: &mut *server,
@@ -398,8 +552,14 @@ impl Session {
                     pipeline: &mut self.pipeline,
                     to_server: &mut self.to_server,
                     to_client: &mut self.to_client,
+                    passed: false,
                 };
-                match tx.translate(h.tag, frame)? {
+                let step = match front {
+                    Some((Front::TooLarge, limit)) => tx.refuse_too_large(h, limit)?,
+                    _ => tx.translate(h.tag, frame, h.len)?,
+                };
+                let passed = tx.passed;
+                match step {
                     Step::Done => {}
                     Step::Reset(reset) => reset_statements(
                         reset,
@@ -414,23 +574,35 @@ impl Session {
                         break;
                     }
                 }
+                passed
             } else {
+                if let Some((Front::TooLarge, limit)) = front {
+                    return Err(session_too_large(h, limit));
+                }
                 self.to_server.extend_from_slice(frame);
                 server.tx_status = TxStatus::Busy;
-            }
-            pos += h.len;
+                true
+            };
+            pos += frame.len();
             if matches!(h.tag, frontend::QUERY | frontend::EXECUTE) {
                 self.queries += 1;
             }
             if self.tx_started.is_none() {
                 self.tx_started = Some(Instant::now());
             }
+            if frame.len() < h.len {
+                // The rest follows as it arrives (or is dropped).
+                self.client_rest = Passthrough::new(h.len - frame.len(), passed);
+                break;
+            }
         }
         self.cbuf.advance(pos);
         Ok(terminated)
     }
 
-    /// Moves complete server frames to the client through the pipeline.
+    /// Moves server messages to the client through the pipeline: complete
+    /// ones, and the front of a long one the session need not hold whole,
+    /// whose rest then follows as it arrives.
     fn relay_server_frames(&mut self) -> Result<(), PgError> {
         let Some(server) = self.server.as_mut() else {
             return Ok(());
@@ -441,10 +613,26 @@ impl Session {
             tx_status,
             ..
         } = &mut **server;
+        if self.server_rest.is_active() && !self.server_rest.pass(rbuf, &mut self.to_client) {
+            return Ok(());
+        }
         let mut pos = 0;
         let mut reports: Vec<(usize, usize)> = Vec::new();
-        while let Some(h) = FrameHeader::complete(&rbuf[pos..])? {
-            let frame = &rbuf[pos..pos + h.len];
+        while let Some(h) = FrameHeader::peek(&rbuf[pos..])? {
+            let buffered = &rbuf[pos..];
+            let whole = buffered.len() >= h.len;
+            if !whole {
+                if h.len <= STREAM_THRESHOLD {
+                    break;
+                }
+                let limit = max_message_size(&self.data);
+                match server_front(h, buffered, limit) {
+                    Front::Wait => break,
+                    Front::TooLarge => return Err(server_too_large(h, limit)),
+                    Front::Stream => {}
+                }
+            }
+            let frame = &buffered[..h.len.min(buffered.len())];
             match h.tag {
                 backend::READY_FOR_QUERY => *tx_status = TxStatus::from_byte(frame.get(5).copied()),
                 backend::PARAMETER_STATUS => reports.push((pos, h.len)),
@@ -483,7 +671,12 @@ impl Session {
                         .observe(started.elapsed().as_secs_f64());
                 }
             }
-            pos += h.len;
+            pos += frame.len();
+            if !whole {
+                // The rest follows as it arrives (or is dropped, if hidden).
+                self.server_rest = Passthrough::new(h.len - frame.len(), route == Route::Forward);
+                break;
+            }
         }
         // ParameterStatus is rare; handled after the loop to keep borrows simple.
         let rbuf_reports: Vec<BytesMut> = reports
@@ -603,6 +796,35 @@ impl Session {
     }
 }
 
+/// A message session mode would hold whole over `max_message_size`: only
+/// Sync, Flush and Terminate are (and they are tiny unless malformed).
+fn session_too_large(h: FrameHeader, limit: usize) -> PgError {
+    PgError::fatal(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!(
+            "pgswitch: message type '{}' of {} bytes exceeds max_message_size ({limit} bytes)",
+            h.tag.escape_ascii(),
+            h.len - 1
+        ),
+    )
+}
+
+/// A server message the session must read whole (ReadyForQuery,
+/// ParameterStatus, RowDescription) over `max_message_size`: the session
+/// ends, and the server connection is closed with it.
+fn server_too_large(h: FrameHeader, limit: usize) -> PgError {
+    PgError::fatal(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!(
+            "pgswitch: the server sent a message of type '{}' of {} bytes, over max_message_size \
+             ({limit} bytes)",
+            h.tag.escape_ascii(),
+            h.len - 1
+        ),
+    )
+    .with_hint("Raise max_message_size in proxy.toml.")
+}
+
 /// DEALLOCATE ALL forgets the client's statements; DISCARD ALL also brings
 /// back its startup parameters. (Fields, not the session: the caller may hold
 /// the session's server at the same time.)
@@ -624,4 +846,85 @@ fn reset_statements(
 /// may mean other tables by the same text.
 fn statement_scope(params: &ParamSet) -> Bytes {
     Bytes::copy_from_slice(params.get("search_path").unwrap_or("").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header and the first bytes of a message of `len` bytes on the wire.
+    fn front(tag: u8, len: usize, body: &[u8]) -> (FrameHeader, Vec<u8>) {
+        let mut bytes = vec![tag];
+        bytes.extend_from_slice(&((len - 1) as i32).to_be_bytes());
+        bytes.extend_from_slice(body);
+        let h = FrameHeader::peek(&bytes).unwrap().unwrap();
+        (h, bytes)
+    }
+
+    const LONG: usize = 10 * STREAM_THRESHOLD;
+    const LIMIT: usize = 2 * STREAM_THRESHOLD;
+
+    fn client(transaction_mode: bool, tag: u8, len: usize, body: &[u8]) -> Front {
+        let (h, bytes) = front(tag, len, body);
+        client_front(transaction_mode, h, &bytes, LIMIT)
+    }
+
+    #[test]
+    fn what_transaction_mode_streams_holds_or_refuses() {
+        use frontend::*;
+        // A named Parse is held whole, up to the limit; an unnamed one streams.
+        assert_eq!(client(true, PARSE, LIMIT, b"s1\0select"), Front::Wait);
+        assert_eq!(client(true, PARSE, LONG, b"s1\0select"), Front::TooLarge);
+        assert_eq!(client(true, PARSE, LONG, b"\0select"), Front::Stream);
+        assert_eq!(client(true, PARSE, LONG, b""), Front::Wait);
+        // A Bind streams once its names are here.
+        assert_eq!(client(true, BIND, LONG, b"\0s1\0\0\0"), Front::Stream);
+        assert_eq!(client(true, BIND, LONG, b"\0s1"), Front::Wait);
+        let endless = vec![b'n'; BIND_NAMES_MAX];
+        assert_eq!(client(true, BIND, LONG, &endless), Front::TooLarge);
+        // A Query streams unless it may be DEALLOCATE or DISCARD.
+        let select = [&b"SELECT length('"[..], &[b'x'; QUERY_HEAD]].concat();
+        assert_eq!(client(true, QUERY, LONG, &select), Front::Stream);
+        assert_eq!(client(true, QUERY, LONG, &select[..10]), Front::Wait);
+        let deallocate = [&b"DEALLOCATE "[..], &[b' '; QUERY_HEAD]].concat();
+        assert_eq!(client(true, QUERY, LIMIT, &deallocate), Front::Wait);
+        assert_eq!(client(true, QUERY, LONG, &deallocate), Front::TooLarge);
+        for tag in [DESCRIBE, CLOSE, EXECUTE, SYNC, FLUSH, TERMINATE] {
+            assert_eq!(client(true, tag, LONG, b"S"), Front::TooLarge);
+            assert_eq!(client(true, tag, LIMIT, b"S"), Front::Wait);
+        }
+        for tag in [COPY_DATA, COPY_FAIL, FUNCTION_CALL, b'?'] {
+            assert_eq!(client(true, tag, LONG, b""), Front::Stream);
+        }
+    }
+
+    #[test]
+    fn session_mode_streams_everything_it_forwards() {
+        use frontend::*;
+        for tag in [PARSE, BIND, QUERY, DESCRIBE, CLOSE, EXECUTE, COPY_DATA] {
+            assert_eq!(client(false, tag, LONG, b"s1\0"), Front::Stream);
+        }
+        assert_eq!(client(false, SYNC, LONG, b""), Front::TooLarge);
+    }
+
+    #[test]
+    fn what_is_held_whole_from_the_server() {
+        use backend::*;
+        let server = |tag: u8, len: usize, body: &[u8]| {
+            let (h, bytes) = front(tag, len, body);
+            server_front(h, &bytes, LIMIT)
+        };
+        for tag in [READY_FOR_QUERY, PARAMETER_STATUS, ROW_DESCRIPTION] {
+            assert_eq!(server(tag, LIMIT, b""), Front::Wait);
+            assert_eq!(server(tag, LONG, b""), Front::TooLarge);
+        }
+        assert_eq!(server(ERROR_RESPONSE, LONG, b"SERROR\0"), Front::Wait);
+        assert_eq!(
+            server(ERROR_RESPONSE, LONG, &[b'M'; ERROR_HEAD]),
+            Front::Stream
+        );
+        for tag in [DATA_ROW, NOTICE_RESPONSE, b'd', PARAMETER_DESCRIPTION] {
+            assert_eq!(server(tag, LONG, b""), Front::Stream);
+        }
+    }
 }

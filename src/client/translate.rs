@@ -10,10 +10,10 @@ use bytes::{Bytes, BytesMut};
 
 use super::pipeline::{Pipeline, Reply, Synthetic, Undo};
 use crate::data_plane::DataPlane;
-use crate::protocol::error::sqlstate;
+use crate::protocol::error::{sqlstate, UserFacingError};
 use crate::protocol::messages::{self, frontend};
-use crate::protocol::PgError;
 use crate::protocol::TxStatus;
+use crate::protocol::{FrameHeader, PgError};
 use crate::server::ServerConn;
 use crate::statements::{self, Statement};
 
@@ -46,6 +46,11 @@ pub(super) enum Step {
 }
 
 /// Rewrites one client message for the server in transaction mode.
+///
+/// A message longer than `STREAM_THRESHOLD` may come as its front only (see
+/// `Session::forward_client_frames`): a Query, an unnamed Parse, a Bind up to
+/// its statement name, COPY data and the like, whose rest the session passes
+/// on behind what was written here, or drops (`passed`).
 pub(super) struct Translator<'a> {
     pub(super) data: &'a DataPlane,
     pub(super) server: &'a mut ServerConn,
@@ -55,10 +60,15 @@ pub(super) struct Translator<'a> {
     pub(super) pipeline: &'a mut Pipeline,
     pub(super) to_server: &'a mut BytesMut,
     pub(super) to_client: &'a mut BytesMut,
+    /// The message went to the server (renamed or not), so the rest of one
+    /// that arrives in pieces follows it; otherwise that rest is dropped.
+    pub(super) passed: bool,
 }
 
 impl Translator<'_> {
-    pub(super) fn translate(&mut self, tag: u8, frame: &[u8]) -> Result<Step, PgError> {
+    /// Translates the message `frame`, or its front when it is shorter than
+    /// `len` (the whole message's length).
+    pub(super) fn translate(&mut self, tag: u8, frame: &[u8], len: usize) -> Result<Step, PgError> {
         if self.pipeline.gated() {
             return Ok(Step::Wait);
         }
@@ -71,6 +81,9 @@ impl Translator<'_> {
             return Ok(Step::Done);
         }
         let body = &frame[5..];
+        if frame.len() < len {
+            return self.translate_front(tag, frame, body, len);
+        }
         if self.pipeline.in_copy_in() {
             if matches!(tag, frontend::COPY_DONE | frontend::COPY_FAIL) {
                 self.pipeline.end_copy_in();
@@ -81,7 +94,7 @@ impl Translator<'_> {
         }
         match tag {
             frontend::PARSE => self.parse(frame, body)?,
-            frontend::BIND => return self.bind(frame, body),
+            frontend::BIND => return self.bind(frame, body, len),
             frontend::DESCRIBE => return self.describe(frame, body),
             frontend::CLOSE => self.close(frame, body)?,
             frontend::EXECUTE => self.forward(frame, Some(Reply::Execute)),
@@ -94,9 +107,84 @@ impl Translator<'_> {
         Ok(Step::Done)
     }
 
+    /// The front of a message passing through in pieces: one the proxy
+    /// forwards unchanged, or a Bind, whose statement name it renames.
+    fn translate_front(
+        &mut self,
+        tag: u8,
+        frame: &[u8],
+        body: &[u8],
+        len: usize,
+    ) -> Result<Step, PgError> {
+        if self.pipeline.in_copy_in() {
+            self.forward(frame, None);
+            return Ok(Step::Done);
+        }
+        let reply = match tag {
+            frontend::BIND => return self.bind(frame, body, len),
+            // Only an unnamed Parse comes in pieces (a named one is held whole).
+            frontend::PARSE if body.first() == Some(&0) => Some(Reply::Parse),
+            // Not a statement command (see `Session::client_front`).
+            frontend::QUERY => Some(Reply::Query),
+            frontend::FUNCTION_CALL => Some(Reply::FunctionCall),
+            frontend::PARSE
+            | frontend::DESCRIBE
+            | frontend::CLOSE
+            | frontend::EXECUTE
+            | frontend::SYNC
+            | frontend::FLUSH
+            | frontend::TERMINATE => {
+                return Err(PgError::protocol(format!(
+                    "pgswitch: message type '{}' can't be relayed in pieces",
+                    tag.escape_ascii()
+                )))
+            }
+            _ => None,
+        };
+        self.forward(frame, reply);
+        Ok(Step::Done)
+    }
+
+    /// A message the proxy would have to hold whole (see
+    /// `Session::client_front`), over `max_message_size` (a Bind: whose
+    /// names don't end within `BIND_NAMES_MAX`). A Parse, Bind,
+    /// Describe, Close or Execute fails as if the server had refused it
+    /// (ERROR 54000, then everything up to the next Sync is dropped), and the
+    /// session goes on; anything else ends it.
+    pub(super) fn refuse_too_large(
+        &mut self,
+        h: FrameHeader,
+        limit: usize,
+    ) -> Result<Step, PgError> {
+        if self.pipeline.gated() {
+            return Ok(Step::Wait);
+        }
+        if self.pipeline.skipping() {
+            return Ok(Step::Done);
+        }
+        let error = too_large(h, limit);
+        match h.tag {
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::CLOSE
+            | frontend::EXECUTE => {
+                self.pipeline
+                    .synthetic(Synthetic::Error(error.to_bytes().freeze()), self.to_client);
+                self.pipeline.start_skip();
+                Ok(Step::Done)
+            }
+            _ => Err(PgError {
+                severity: crate::protocol::Severity::Fatal,
+                ..error
+            }),
+        }
+    }
+
     fn forward(&mut self, frame: &[u8], reply: Option<Reply>) {
         self.to_server.extend_from_slice(frame);
         self.server.tx_status = TxStatus::Busy;
+        self.passed = true;
         if let Some(reply) = reply {
             self.pipeline.request(reply, Undo::None);
         }
@@ -121,7 +209,16 @@ impl Translator<'_> {
             self.pipeline.start_skip();
             return Ok(());
         }
-        let stmt = self.data.statements.intern_scoped(self.scope, rest);
+        let stmt = match self.data.statements.intern_scoped(self.scope, rest) {
+            Ok(stmt) => stmt,
+            Err(full) => {
+                let error = full.to_pg_error();
+                self.pipeline
+                    .synthetic(Synthetic::Error(error.to_bytes().freeze()), self.to_client);
+                self.pipeline.start_skip();
+                return Ok(());
+            }
+        };
         let name = Bytes::copy_from_slice(name);
         // Registered now, so the Bind and Describe pipelined behind the Parse
         // find it; withdrawn if the server refuses or skips the Parse.
@@ -241,18 +338,22 @@ impl Translator<'_> {
         }
         write(self.to_server, &stmt.server_name);
         self.server.tx_status = TxStatus::Busy;
+        self.passed = true;
         self.pipeline.request(reply, Undo::Uses(stmt));
         Step::Done
     }
 
-    fn bind(&mut self, frame: &[u8], body: &[u8]) -> Result<Step, PgError> {
+    /// A Bind, or its front up to the statement name at least: `len` is the
+    /// whole message's length.
+    fn bind(&mut self, frame: &[u8], body: &[u8], len: usize) -> Result<Step, PgError> {
         let bind = messages::split_bind(body)?;
+        let rest_len = len - (frame.len() - bind.rest.len());
         // An unknown name goes through as is: the server answers 26000 with the
         // client's own statement name, exactly as without a proxy.
         Ok(match self.known(bind.statement) {
             Some(stmt) => self.use_statement(
                 stmt,
-                |out, name| messages::bind_renamed(out, bind.portal, name, bind.rest),
+                |out, name| messages::bind_renamed(out, bind.portal, name, bind.rest, rest_len),
                 Reply::Bind,
             ),
             None => {
@@ -319,6 +420,43 @@ impl Translator<'_> {
     }
 }
 
+/// The 54000 error for a message over `max_message_size` the proxy would
+/// have to hold whole.
+fn too_large(h: FrameHeader, limit: usize) -> PgError {
+    if h.tag == frontend::BIND {
+        return PgError::error(
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "pgswitch: the portal and statement names of a Bind message take over {} bytes",
+                super::session::BIND_NAMES_MAX
+            ),
+        );
+    }
+    let kind = match h.tag {
+        frontend::PARSE => "Parse (of a named statement)".to_owned(),
+        frontend::DESCRIBE => "Describe".to_owned(),
+        frontend::CLOSE => "Close".to_owned(),
+        frontend::EXECUTE => "Execute".to_owned(),
+        frontend::QUERY => "Query (of a statement command)".to_owned(),
+        frontend::SYNC => "Sync".to_owned(),
+        frontend::FLUSH => "Flush".to_owned(),
+        frontend::TERMINATE => "Terminate".to_owned(),
+        other => format!("'{}'", other.escape_ascii()),
+    };
+    PgError::error(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!(
+            "pgswitch: {kind} message of {} bytes exceeds max_message_size ({limit} bytes)",
+            h.len - 1
+        ),
+    )
+    .with_hint(
+        "pgswitch holds this message whole (a named statement's text is kept to prepare it on \
+         other servers). Raise max_message_size in proxy.toml, or use an unnamed statement or a \
+         simple query, which pass through at any size.",
+    )
+}
+
 /// DEALLOCATE [ALL] and DISCARD ALL of the proxy's statements, answered by the
 /// proxy: the CommandComplete tag and what the session must reset. None: the
 /// server answers. DISCARD ALL only `between_transactions`.
@@ -343,6 +481,22 @@ enum Command {
     Deallocate(String),
     DeallocateAll,
     DiscardAll,
+}
+
+/// Whether a Query whose text starts with `head` may be one of the statement
+/// commands the proxy answers (so it must be held whole): its first word is,
+/// or (cut short) could be, DEALLOCATE or DISCARD.
+pub(super) fn may_be_statement_command(head: &[u8]) -> bool {
+    let start = head
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(head.len());
+    let text = &head[start..];
+    let starts_with = |word: &[u8]| {
+        let n = word.len().min(text.len());
+        text[..n].eq_ignore_ascii_case(&word[..n])
+    };
+    starts_with(b"deallocate") || starts_with(b"discard")
 }
 
 /// Recognizes `DEALLOCATE [PREPARE] name|ALL` and `DISCARD ALL` (alone, with an
@@ -392,6 +546,35 @@ fn identifier(word: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_head_tells_what_may_be_a_statement_command() {
+        for head in [
+            &b"DEALLOCATE ALL"[..],
+            b"  \n discard all",
+            b"deallocate prepare \"a very long name indeed\"",
+            b"   ",
+            b"DEALL",
+            b"dis",
+        ] {
+            assert!(may_be_statement_command(head), "{head:?}");
+        }
+        for head in [
+            &b"SELECT length('xxxxxxxxxxxxxxxx"[..],
+            b"DELETE FROM t WHERE id IN (1, 2, 3",
+            b"do $$ begin perform 1; end $$",
+            b"INSERT",
+        ] {
+            assert!(!may_be_statement_command(head), "{head:?}");
+        }
+        for sql in [
+            &b"DEALLOCATE ALL"[..],
+            b" deallocate prepare all;",
+            b"discard all",
+        ] {
+            assert!(statement_command(sql).is_some() && may_be_statement_command(sql));
+        }
+    }
 
     #[test]
     fn recognizes_statement_commands() {

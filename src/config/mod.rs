@@ -19,6 +19,17 @@ use crate::scram::ScramSecret;
 /// PgBouncer's and pgswitch's default `auth_query`.
 pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
 
+/// Default `max_message_size`: far above the text of any statement an
+/// application prepares, far below PostgreSQL's own 1 GB message limit.
+pub const DEFAULT_MAX_MESSAGE_SIZE: ByteSize = ByteSize::mib(64);
+/// Default `prepared_statements_max`.
+pub const DEFAULT_PREPARED_STATEMENTS_MAX: usize = 100_000;
+/// Default `prepared_statements_max_bytes`.
+pub const DEFAULT_PREPARED_STATEMENTS_MAX_BYTES: ByteSize = ByteSize::mib(128);
+/// `max_message_size` may not be set below this: smaller messages are always
+/// read whole (see `protocol::framing::STREAM_THRESHOLD`).
+pub const MIN_MAX_MESSAGE_SIZE: ByteSize = ByteSize::kib(64);
+
 /// A secret string from the config: never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -87,6 +98,16 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     pub prepared_statements_per_server: usize,
+    /// Distinct named statements (transaction mode) the proxy holds for its
+    /// clients at once; a Parse of one more gets 54000.
+    pub prepared_statements_max: usize,
+    /// The memory those statements may take (their text, and a little per
+    /// statement).
+    pub prepared_statements_max_bytes: ByteSize,
+    /// The largest client message the proxy holds whole (transaction mode: a
+    /// named Parse, Describe, Close, Execute); a larger one gets 54000. Messages
+    /// the proxy forwards unchanged pass through in pieces, at any size.
+    pub max_message_size: ByteSize,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Threads serving clients; 0 means one per CPU core.
@@ -129,6 +150,9 @@ impl Default for ProxyConfig {
             client_login_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             prepared_statements_per_server: 500,
+            prepared_statements_max: DEFAULT_PREPARED_STATEMENTS_MAX,
+            prepared_statements_max_bytes: DEFAULT_PREPARED_STATEMENTS_MAX_BYTES,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             worker_threads: 0,
@@ -427,6 +451,26 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if p.prepared_statements_max == 0 {
+            return Err(invalid(
+                "proxy.prepared_statements_max",
+                "must be at least 1",
+            ));
+        }
+        if p.prepared_statements_max_bytes.bytes() == 0 {
+            return Err(invalid(
+                "proxy.prepared_statements_max_bytes",
+                "must be at least 1",
+            ));
+        }
+        if p.max_message_size < MIN_MAX_MESSAGE_SIZE
+            || p.max_message_size.bytes() > crate::protocol::framing::MAX_MESSAGE_LEN
+        {
+            return Err(invalid(
+                "proxy.max_message_size",
+                "must be between 64kB and 1GB",
+            ));
+        }
         match (&p.tls_cert, &p.tls_key) {
             (Some(_), None) => return Err(invalid("proxy.tls_key", "is required with tls_cert")),
             (None, Some(_)) => return Err(invalid("proxy.tls_cert", "is required with tls_key")),
@@ -611,6 +655,60 @@ mod tests {
         .unwrap();
         assert_eq!(c.cutover.timeout, Duration::from_secs(7));
         assert_eq!(c.cutover.drain_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn sizes_are_human() {
+        let c = parse(&MINIMAL.replace(
+            "[proxy]",
+            "[proxy]\nmax_message_size = \"2MB\"\nprepared_statements_max_bytes = 65536",
+        ))
+        .unwrap();
+        assert_eq!(c.proxy.max_message_size, ByteSize(2 << 20));
+        assert_eq!(c.proxy.prepared_statements_max_bytes, ByteSize(65536));
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.proxy.max_message_size, ByteSize(64 << 20));
+        assert_eq!(c.proxy.prepared_statements_max_bytes, ByteSize(128 << 20));
+        assert_eq!(c.proxy.prepared_statements_max, 100_000);
+        for (text, size) in [
+            ("100", 100),
+            ("1 kB", 1024),
+            ("64KiB", 64 << 10),
+            ("3mb", 3 << 20),
+            ("1GB", 1 << 30),
+            ("7B", 7),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(size)), "{text}");
+        }
+        for text in [
+            "",
+            "MB",
+            "1.5MB",
+            "2 parsecs",
+            "-1",
+            "99999999999999999999GB",
+        ] {
+            assert!(ByteSize::parse(text).is_err(), "{text}");
+        }
+        for (line, key) in [
+            ("max_message_size = \"1kB\"", "proxy.max_message_size"),
+            ("max_message_size = \"2GB\"", "proxy.max_message_size"),
+            ("max_message_size = \"lots\"", "max_message_size"),
+            ("max_message_size = -5", "max_message_size"),
+            (
+                "prepared_statements_max = 0",
+                "proxy.prepared_statements_max",
+            ),
+            (
+                "prepared_statements_max_bytes = 0",
+                "proxy.prepared_statements_max_bytes",
+            ),
+        ] {
+            let err = parse(&MINIMAL.replace("[proxy]", &format!("[proxy]\n{line}")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -266,3 +266,86 @@ pub enum DrainAction {
     /// Cancel them (their clients get 57014) and go on.
     Cancel,
 }
+
+/// A size in bytes: an integer, or a string with a unit as in
+/// postgresql.conf (`"64kB"`, `"16MB"`, `"1GB"`, where 1 kB = 1024 bytes;
+/// also `"B"`, `"KiB"`, `"MiB"`, `"GiB"`, any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub usize);
+
+impl ByteSize {
+    pub const fn kib(n: usize) -> ByteSize {
+        ByteSize(n * 1024)
+    }
+
+    pub const fn mib(n: usize) -> ByteSize {
+        ByteSize(n * 1024 * 1024)
+    }
+
+    pub fn bytes(self) -> usize {
+        self.0
+    }
+
+    /// Parses `"64MB"`, `"512 kB"`, `"1GiB"`, `"100"` (bytes).
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let number: usize = number.parse().map_err(|_| {
+            format!("invalid size {text:?}: expected a number of bytes, or e.g. \"64MB\"")
+        })?;
+        let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" | "kib" => 1 << 10,
+            "mb" | "mib" => 1 << 20,
+            "gb" | "gib" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "invalid size {text:?}: unknown unit {other:?} (use B, kB, MB or GB)"
+                ))
+            }
+        };
+        number
+            .checked_mul(scale)
+            .map(ByteSize)
+            .ok_or_else(|| format!("invalid size {text:?}: too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size: a number of bytes, or a string such as \"64MB\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                usize::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("size too large"))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom("a size must not be negative"))
+                    .and_then(|v| self.visit_u64(v))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}

@@ -55,6 +55,7 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState(*b"54000");
     pub const INTERNAL_ERROR: SqlState = SqlState(*b"XX000");
 }
 

@@ -1,6 +1,11 @@
 //! Framing by header: a message is one tag byte and a big-endian i32 length that
 //! counts itself but not the tag. The hot path never decodes bodies; it reads
 //! headers to find message boundaries and forwards the bytes untouched.
+//!
+//! A message longer than [`STREAM_THRESHOLD`] that the proxy does not need
+//! whole (a DataRow, a Query, a Bind's parameters) is not waited for: its
+//! front is handled as it arrives, and the rest is a [`Passthrough`], moved
+//! to the other side (or dropped) piece by piece through bounded buffers.
 
 use bytes::{Buf, BytesMut};
 
@@ -9,6 +14,53 @@ use super::error::PgError;
 /// Largest message the proxy accepts. PostgreSQL's own limit is 1 GiB
 /// (`PQ_LARGE_MESSAGE_LIMIT`); anything claiming more is a broken or hostile peer.
 pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// Messages up to this long are always read whole before they are handled;
+/// longer ones may pass through in pieces. Above the size of nearly every
+/// message (so the common path is unchanged), small enough that a buffer
+/// never needs to hold more.
+pub const STREAM_THRESHOLD: usize = 64 * 1024;
+
+/// The rest of a message on its way through in pieces: as its bytes arrive
+/// they go to the other side, or are dropped, never gathered whole.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Passthrough {
+    remaining: usize,
+    forward: bool,
+}
+
+impl Passthrough {
+    /// The `remaining` bytes of a message whose front was just handled;
+    /// `forward`: they go to the other side, else they are dropped.
+    pub fn new(remaining: usize, forward: bool) -> Passthrough {
+        Passthrough { remaining, forward }
+    }
+
+    /// Part of a message is still to come.
+    #[inline]
+    pub fn is_active(&self) -> bool {
+        self.remaining > 0
+    }
+
+    /// Moves what `src` holds of the message to `out` (or drops it). True
+    /// once all of it is through; what follows it stays in `src`.
+    pub fn pass(&mut self, src: &mut BytesMut, out: &mut BytesMut) -> bool {
+        let n = self.remaining.min(src.len());
+        if n > 0 {
+            if !self.forward {
+                src.advance(n);
+            } else if out.is_empty() && n == src.len() {
+                // All of `src` goes: hand over the buffer instead of copying it.
+                std::mem::swap(src, out);
+            } else {
+                out.extend_from_slice(&src[..n]);
+                src.advance(n);
+            }
+            self.remaining -= n;
+        }
+        self.remaining == 0
+    }
+}
 
 /// Startup packets are small; PostgreSQL caps them at 10 000 bytes.
 pub const MAX_STARTUP_LEN: usize = 10_000;
@@ -263,6 +315,29 @@ mod tests {
         }
         let mut bad_len = BytesMut::from(&[0u8, 0, 0, 2][..]);
         assert!(take_startup(&mut bad_len).is_err());
+    }
+
+    #[test]
+    fn passthrough_moves_the_rest_of_a_message_and_stops_at_its_end() {
+        let mut rest = Passthrough::new(10, true);
+        let mut src = BytesMut::from(&b"0123"[..]);
+        let mut out = BytesMut::new();
+        assert!(!rest.pass(&mut src, &mut out));
+        assert_eq!((&out[..], src.len()), (&b"0123"[..], 0));
+        src.extend_from_slice(b"456789Znext");
+        assert!(rest.pass(&mut src, &mut out));
+        assert_eq!(&out[..], b"0123456789");
+        assert_eq!(&src[..], b"Znext", "what follows the message stays");
+        assert!(!rest.is_active());
+        assert!(rest.pass(&mut src, &mut out), "done: moves nothing more");
+        assert_eq!(&src[..], b"Znext");
+
+        let mut dropped = Passthrough::new(3, false);
+        let mut src = BytesMut::from(&b"abcdef"[..]);
+        let mut out = BytesMut::new();
+        assert!(dropped.pass(&mut src, &mut out));
+        assert!(out.is_empty());
+        assert_eq!(&src[..], b"def");
     }
 
     #[test]

@@ -217,13 +217,24 @@ pub fn parse_renamed(out: &mut BytesMut, name: &[u8], query_and_types: &[u8]) {
     });
 }
 
-/// Writes a Bind message that names another statement.
-pub fn bind_renamed(out: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
-    write_message(out, frontend::BIND, |b| {
-        put_cstr(b, portal);
-        put_cstr(b, statement);
-        b.put_slice(rest);
-    });
+/// Writes a Bind message that names another statement. `rest` is what
+/// follows the names (formats, values, result formats), or its front when the
+/// Bind passes through in pieces: `rest_len` is its whole length.
+pub fn bind_renamed(
+    out: &mut BytesMut,
+    portal: &[u8],
+    statement: &[u8],
+    rest: &[u8],
+    rest_len: usize,
+) {
+    let len = 4 + portal.len() + 1 + statement.len() + 1 + rest_len;
+    out.put_u8(frontend::BIND);
+    // Never more than the client's own Bind plus a statement name: its length
+    // passed FrameHeader's check, and proxy names are short.
+    out.put_i32(len as i32);
+    put_cstr(out, portal);
+    put_cstr(out, statement);
+    out.put_slice(rest);
 }
 
 /// Writes Bind of the unnamed statement to the unnamed portal, no
@@ -286,7 +297,7 @@ mod tests {
     #[test]
     fn bind_rename_keeps_framing() {
         let mut out = BytesMut::new();
-        bind_renamed(&mut out, b"", b"pgsw_7", b"\0\0\0\0\0\0");
+        bind_renamed(&mut out, b"", b"pgsw_7", b"\0\0\0\0\0\0", 6);
         let header = FrameHeader::complete(&out).unwrap().unwrap();
         assert_eq!(header.len, out.len());
         let parts = split_bind(&out[5..]).unwrap();
@@ -298,6 +309,14 @@ mod tests {
                 rest: b"\0\0\0\0\0\0"
             }
         );
+    }
+
+    #[test]
+    fn bind_rename_of_a_front_counts_the_whole_message() {
+        let mut out = BytesMut::new();
+        bind_renamed(&mut out, b"p", b"pgsw_7", b"\0\0", 1000);
+        let header = FrameHeader::peek(&out).unwrap().unwrap();
+        assert_eq!(header.len, out.len() - 2 + 1000);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! * [`wait_until`], [`wait_for`] (and `_sync` variants) – polling helpers.
 //! * [`Raw`] – a raw wire-protocol client.
 //! * [`Pair`] – blue and green in logical replication, for cutover tests.
+//! * [`rss_kib`], [`peak_rss_kib`], [`reset_peak_rss`] – a process's memory.
 //! * [`free_port`], [`psql_bin`], [`pgbench_bin`], signal constants.
 //!
 //! Everything here is synchronous (blocking) except the client helpers
@@ -34,6 +35,7 @@ mod cluster;
 mod config;
 mod pg;
 mod proxy;
+mod rss;
 mod wait;
 mod wire;
 
@@ -42,6 +44,7 @@ pub use cluster::*;
 pub use config::*;
 pub use pg::*;
 pub use proxy::*;
+pub use rss::*;
 pub use wait::*;
 pub use wire::*;
 

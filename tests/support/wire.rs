@@ -323,6 +323,72 @@ impl Raw {
         self.flush().await;
     }
 
+    async fn write_now(&mut self, bytes: &[u8]) {
+        tokio::time::timeout(self.timeout, self.stream.write_all(bytes))
+            .await
+            .unwrap_or_else(|_| panic!("raw write: timed out after {:?}", self.timeout))
+            .expect("raw write");
+    }
+
+    /// Sends (after anything queued) one message of type `tag` whose body is
+    /// `head`, `filler_len` times the byte `filler`, then `tail`, written in
+    /// 1 MiB pieces: a message of hundreds of MiB without holding it in memory.
+    pub async fn send_large(
+        &mut self,
+        tag: u8,
+        head: &[u8],
+        filler: u8,
+        filler_len: usize,
+        tail: &[u8],
+    ) {
+        self.flush().await;
+        let len = i32::try_from(4 + head.len() + filler_len + tail.len())
+            .expect("a message is shorter than 2 GiB");
+        let mut first = BytesMut::new();
+        first.put_u8(tag);
+        first.put_i32(len);
+        first.put_slice(head);
+        self.write_now(&first).await;
+        let chunk = vec![filler; 1 << 20];
+        let mut left = filler_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            self.write_now(&chunk[..n]).await;
+            left -= n;
+        }
+        self.write_now(tail).await;
+    }
+
+    /// Reads the next message without keeping it whole: its tag, its body
+    /// length, and the first `keep` bytes of the body (all of it if shorter).
+    /// None if the connection closed first. For messages of any size.
+    pub async fn skip_msg(&mut self, keep: usize) -> Option<(u8, usize, Bytes)> {
+        while self.buf.len() < 5 {
+            if !self.fill().await {
+                return None;
+            }
+        }
+        let tag = self.buf.get_u8();
+        let len = self.buf.get_i32();
+        assert!(len >= 4, "invalid message length {len}");
+        let body_len = len as usize - 4;
+        let mut kept = BytesMut::new();
+        let mut left = body_len;
+        while left > 0 {
+            if self.buf.is_empty() {
+                // Read in large pieces (a fresh buffer would read 64 bytes at a time).
+                self.buf.reserve(1 << 20);
+                assert!(self.fill().await, "connection closed mid-message");
+            }
+            let n = left.min(self.buf.len());
+            let wanted = keep.saturating_sub(kept.len()).min(n);
+            kept.extend_from_slice(&self.buf[..wanted]);
+            self.buf.advance(n);
+            left -= n;
+        }
+        Some((tag, body_len, kept.freeze()))
+    }
+
     // ---- backend messages
 
     /// Reads more bytes; false on EOF (or a reset, which is an EOF here).
