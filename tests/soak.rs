@@ -26,17 +26,10 @@ fn knob(name: &str, default: u64) -> u64 {
 
 /// VmRSS (KiB) and the number of open file descriptors of a process.
 fn rss_and_fds(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0);
-    (rss, fds)
+    (rss_kib(pid), fds)
 }
 
 fn median(mut v: Vec<u64>) -> u64 {

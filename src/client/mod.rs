@@ -4,6 +4,7 @@
 
 mod handshake;
 mod io;
+mod long_message;
 mod pipeline;
 mod session;
 mod translate;

@@ -428,7 +428,7 @@ fn too_large(h: FrameHeader, limit: usize) -> PgError {
             sqlstate::PROGRAM_LIMIT_EXCEEDED,
             format!(
                 "pgswitch: the portal and statement names of a Bind message take over {} bytes",
-                super::session::BIND_NAMES_MAX
+                super::long_message::BIND_NAMES_MAX
             ),
         );
     }
