@@ -24,6 +24,11 @@ pub struct ServerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// SQLSTATE class: the first two characters ("08", "28", "53", ...).
     pub class: String,
@@ -51,6 +56,7 @@ pub struct Metrics {
     pub replication_lag_bytes: Gauge,
     clients: Family<ClientLabels, Gauge>,
     server_connections: Family<ServerLabels, Gauge>,
+    backend_up: Family<BackendLabels, Gauge>,
 }
 
 /// The live state a scrape reports as gauges.
@@ -61,6 +67,8 @@ pub struct Snapshot {
     pub clients_waiting: usize,
     /// (backend, active, idle) server connections.
     pub servers: Vec<(&'static str, usize, usize)>,
+    /// (backend, reachable) of the backends whose reachability is known.
+    pub backends_up: Vec<(&'static str, bool)>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -89,6 +97,7 @@ impl Metrics {
         let replication_lag_bytes = Gauge::default();
         let clients = Family::<ClientLabels, Gauge>::default();
         let server_connections = Family::<ServerLabels, Gauge>::default();
+        let backend_up = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "transactions",
             "Transactions completed (ReadyForQuery idle)",
@@ -135,6 +144,11 @@ impl Metrics {
             "Server connections by backend and state",
             server_connections.clone(),
         );
+        registry.register(
+            "backend_up",
+            "1 when the backend's last connection or probe reached it, else 0",
+            backend_up.clone(),
+        );
         Metrics {
             registry,
             transactions,
@@ -147,6 +161,7 @@ impl Metrics {
             replication_lag_bytes,
             clients,
             server_connections,
+            backend_up,
         }
     }
 
@@ -179,6 +194,11 @@ impl Metrics {
                     .set(value as i64);
             }
         }
+        for &(backend, up) in &snapshot.backends_up {
+            self.backend_up
+                .get_or_create(&BackendLabels { backend })
+                .set(i64::from(up));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -200,6 +220,7 @@ mod tests {
             clients_active: 2,
             clients_waiting: 1,
             servers: vec![("blue", 2, 3)],
+            backends_up: vec![("blue", true), ("green", false)],
         });
         assert!(text.contains("pgswitch_transactions_total 1"), "{text}");
         assert!(
@@ -212,6 +233,10 @@ mod tests {
         );
         assert!(
             text.contains("pgswitch_server_connections{backend=\"blue\",state=\"idle\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgswitch_backend_up{backend=\"green\"} 0"),
             "{text}"
         );
     }

@@ -8,7 +8,8 @@ use std::time::Instant;
 /// A running `pgswitch run --config <file>` process.
 ///
 /// stdout and stderr go to `dir/proxy.log`. `RUST_LOG` is passed through
-/// from the test environment, defaulting to `info`. Dropping it kills the
+/// from the test environment, defaulting to `info` (or set per proxy with
+/// [`start_with_env`](Self::start_with_env)). Dropping it kills the
 /// process (SIGKILL) and deletes `dir`; if the test is panicking the log tail
 /// is printed to stderr first.
 pub struct Proxy {
@@ -21,6 +22,8 @@ pub struct Proxy {
     child: Option<Child>,
     exit: Option<ExitStatus>,
     reaper: Option<Child>,
+    /// Extra environment of the process (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 impl Proxy {
@@ -36,6 +39,22 @@ impl Proxy {
             )
         });
         Self::start_with_port(config_toml, port)
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables for the
+    /// process (e.g. `RUST_LOG`, which then wins over the test's own).
+    pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Proxy {
+        let port = parse_listen_port(config_toml).expect("`listen` in [proxy]");
+        let mut p = Self::create(config_toml, port);
+        p.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        p.spawn_process();
+        if let Err(e) = p.wait_ready(Duration::from_secs(10)) {
+            panic!("{e}\n---- proxy log ----\n{}\n----", p.logs());
+        }
+        p
     }
 
     /// Like [`start`](Self::start) but waits for the given port.
@@ -55,6 +74,13 @@ impl Proxy {
     }
 
     pub fn spawn_with_port(config_toml: &str, port: u16) -> Proxy {
+        let mut p = Self::create(config_toml, port);
+        p.spawn_process();
+        p
+    }
+
+    /// The proxy's directory and config file, not started yet.
+    fn create(config_toml: &str, port: u16) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("pgswitch-proxy-")
             .tempdir_in(test_tmp_base())
@@ -63,7 +89,7 @@ impl Proxy {
         let config_path = dir.join("pgswitch.toml");
         let (config_toml, admin_port) = with_admin_listen(config_toml, None);
         fs::write(&config_path, config_toml).expect("write proxy config");
-        let mut p = Proxy {
+        Proxy {
             port,
             admin_port,
             dir,
@@ -71,9 +97,8 @@ impl Proxy {
             child: None,
             exit: None,
             reaper: None,
-        };
-        p.spawn_process();
-        p
+            env: Vec::new(),
+        }
     }
 
     fn spawn_process(&mut self) {
@@ -94,6 +119,7 @@ impl Proxy {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().expect("spawn pgswitch");
         self.reaper = spawn_reaper(
             child.id(),
