@@ -1,15 +1,18 @@
 //! The two database servers, their pools, and how pgswitch logs in to them:
 //! the backend login policy (server_user, server_password, the user's own
 //! password, or the client's SCRAM keys passed through) and the cache of
-//! those client keys.
+//! those client keys; and the probe that checks a backend can be reached.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use tokio::net::TcpStream;
+
 use crate::config::{Config, Side};
 use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::reachability::CheckedBy;
 use crate::scram::client::ScramKeys;
-use crate::server::{BackendAddr, Credentials, Login};
+use crate::server::{BackendAddr, Credentials, Login, ServerConn};
 
 /// One database server and the pools pgswitch keeps to it.
 pub struct Backend {
@@ -36,6 +39,61 @@ impl Backend {
         let pool = Pool::new(key.clone(), self.addr.clone(), settings());
         pools.insert(key.clone(), pool.clone());
         pool
+    }
+
+    /// Checks that the server can be reached, unless a probe is already
+    /// running: a login with the backend's admin credentials; without them,
+    /// the start of a login as the user of one of its pools (up to the
+    /// server's first answer: no session is started, so it never counts
+    /// among a pool's connections on the server); with no pool either, a TCP
+    /// connect. The outcome goes to the backend's reachability.
+    pub async fn probe(&self, config: &Config) {
+        let reachability = &self.addr.reachability;
+        let Some(_probing) = reachability.start_probe() else {
+            return;
+        };
+        let timeout = config.proxy.server_connect_timeout;
+        let probed = if let Some(login) = self.admin_login(config) {
+            ServerConn::probe(self.addr.clone(), &login, timeout).await
+        } else if let Some(pool) = self.pools().first() {
+            let login = &pool.settings().login;
+            ServerConn::probe_startup(self.addr.clone(), &login.user, &login.database, timeout)
+                .await
+        } else {
+            self.probe_tcp(timeout).await;
+            return;
+        };
+        if let Err(e) = probed {
+            tracing::debug!(backend = %self.side, error = %e, "backend probe failed");
+        }
+    }
+
+    async fn probe_tcp(&self, timeout: std::time::Duration) {
+        let reachability = &self.addr.reachability;
+        let target = (self.addr.host.as_str(), self.addr.port);
+        match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
+            Ok(Ok(_)) => reachability.record_ok(CheckedBy::TcpProbe),
+            Ok(Err(e)) => reachability.record_error(
+                CheckedBy::TcpProbe,
+                false,
+                &format!("could not connect to {}: {e}", self.addr),
+            ),
+            Err(_) => reachability.record_error(
+                CheckedBy::TcpProbe,
+                false,
+                &format!("timed out connecting to {}", self.addr),
+            ),
+        }
+    }
+
+    /// The admin user's login to the replicated database, if configured.
+    fn admin_login(&self, config: &Config) -> Option<Login> {
+        let (user, password) = config.backends.get(self.side)?.admin_credentials()?;
+        Some(Login {
+            user,
+            database: config.replication.database.clone(),
+            credentials: Credentials::Password(password),
+        })
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {

@@ -1,6 +1,7 @@
 //! The client's socket during the handshake, and the errors of a client session.
 
 use std::io;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,6 +57,14 @@ impl ClientError {
         }
     }
 }
+
+/// At most this much of what a refused client still sends is read (and
+/// dropped) before its socket is closed: more than the longest startup packet
+/// a client may send before it reads (libpq writes it in one go).
+pub const DRAIN_BYTES: usize = 256 * 1024;
+
+/// At most this long is spent reading what a refused client still sends.
+pub const DRAIN_TIME: Duration = Duration::from_millis(100);
 
 pub struct ClientConn {
     pub stream: ClientStream,
@@ -117,6 +126,36 @@ impl ClientConn {
 
     pub async fn send_error(&mut self, error: &PgError) {
         let _ = self.send(&error.to_bytes()).await;
+    }
+
+    /// Sends the error that ends the connection, then closes it so that the
+    /// error arrives: the write side is shut down first (the client reads
+    /// the error, then EOF), and what the client still sends is read and
+    /// dropped, up to [`DRAIN_BYTES`] or [`DRAIN_TIME`], whichever comes
+    /// first. A socket closed with unread bytes is reset instead, and a
+    /// client can see the reset before, or instead of, the error (most often
+    /// one still writing a long startup packet or garbage).
+    pub async fn refuse(&mut self, error: &PgError) {
+        if self.send(&error.to_bytes()).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(DRAIN_TIME, self.shutdown_and_drain()).await;
+    }
+
+    async fn shutdown_and_drain(&mut self) {
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut drained = self.buf.len();
+        self.buf.clear();
+        self.buf.reserve(16 * 1024);
+        while drained < DRAIN_BYTES {
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+            self.buf.clear();
+        }
     }
 
     /// Writes and flushes (which TLS needs before waiting for the client).

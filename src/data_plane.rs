@@ -111,6 +111,7 @@ impl DataPlane {
                         host: b.host.clone(),
                         port: b.port,
                         tls: tls.unwrap_or_else(ServerTls::disabled),
+                        reachability: Default::default(),
                     },
                 )
             })

@@ -16,9 +16,13 @@ pub mod client_conn;
 pub mod config;
 pub mod cutover;
 pub mod data_plane;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod reachability;
 pub mod replication;
 pub mod runtime;
 pub mod scram;

@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pgswitch::config::{Config, LogFormat, Side};
+use pgswitch::config::{Config, Side};
 use pgswitch::data_plane::{LoadError, TlsSetup};
 use pgswitch::runtime::Runtime;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -129,19 +128,6 @@ fn admin_call(
 
 fn switch_body(args: &SwitchArgs) -> String {
     serde_json::json!({"dry_run": args.dry_run, "timeout_ms": args.timeout_ms}).to_string()
-}
-
-fn init_logging(config: &Config) {
-    // RUST_LOG, when set, overrides the configured level.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&config.proxy.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match config.proxy.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 /// Makes memory freed after a long message go back to the system.
@@ -284,7 +270,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(&config);
+            pgswitch::logging::init(&config);
             let runtime = match runtime_builder(config.proxy.worker_threads).build() {
                 Ok(r) => r,
                 Err(e) => {

@@ -26,6 +26,11 @@ pub struct ServerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// SQLSTATE class: the first two characters ("08", "28", "53", ...).
     pub class: String,
@@ -57,6 +62,7 @@ pub struct Metrics {
     prepared_statement_bytes: Gauge,
     prepared_statements_evicted: Counter,
     prepared_statements_refused: Counter,
+    backend_up: Family<BackendLabels, Gauge>,
 }
 
 /// The live state a scrape reports as gauges.
@@ -69,6 +75,8 @@ pub struct Snapshot {
     pub servers: Vec<(&'static str, usize, usize)>,
     /// The prepared-statement registry.
     pub statements: RegistryStats,
+    /// (backend, reachable) of the backends whose reachability is known.
+    pub backends_up: Vec<(&'static str, bool)>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -101,6 +109,7 @@ impl Metrics {
         let prepared_statement_bytes = Gauge::default();
         let prepared_statements_evicted = Counter::default();
         let prepared_statements_refused = Counter::default();
+        let backend_up = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "transactions",
             "Transactions completed (ReadyForQuery idle)",
@@ -167,6 +176,11 @@ impl Metrics {
             "Parses refused because prepared_statements_max or _max_bytes was reached",
             prepared_statements_refused.clone(),
         );
+        registry.register(
+            "backend_up",
+            "1 when the backend's last connection or probe reached it, else 0",
+            backend_up.clone(),
+        );
         Metrics {
             registry,
             transactions,
@@ -183,6 +197,7 @@ impl Metrics {
             prepared_statement_bytes,
             prepared_statements_evicted,
             prepared_statements_refused,
+            backend_up,
         }
     }
 
@@ -225,6 +240,11 @@ impl Metrics {
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
+        for &(backend, up) in &snapshot.backends_up {
+            self.backend_up
+                .get_or_create(&BackendLabels { backend })
+                .set(i64::from(up));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -252,6 +272,7 @@ mod tests {
                 evicted: 7,
                 refused: 1,
             },
+            backends_up: vec![("blue", true), ("green", false)],
         });
         assert!(text.contains("pgswitch_transactions_total 1"), "{text}");
         assert!(
@@ -274,5 +295,9 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line}: {text}");
         }
+        assert!(
+            text.contains("pgswitch_backend_up{backend=\"green\"} 0"),
+            "{text}"
+        );
     }
 }

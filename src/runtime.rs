@@ -203,12 +203,39 @@ async fn shutdown(data: &DataPlane) {
     tracing::info!(remaining_clients = data.client_count(), "pgswitch stopped");
 }
 
-/// Once a second: retire idle and old server connections, keep min_pool_size.
+/// Starts a probe of every backend that no connection (or probe) reported on
+/// within `server_probe_interval`, each in a task of its own so that a server
+/// that does not answer holds up nothing else; at most one probe per backend
+/// runs at a time, and the probe never runs on the data path.
+fn probe_backends(data: &Arc<DataPlane>) {
+    let config = Arc::clone(&data.config());
+    let interval = config.proxy.server_probe_interval;
+    if interval.is_zero() {
+        return;
+    }
+    for backend in data.backends.iter() {
+        if backend
+            .addr
+            .reachability
+            .age()
+            .is_some_and(|age| age < interval)
+        {
+            continue;
+        }
+        let backend = backend.clone();
+        let config = config.clone();
+        tokio::spawn(async move { backend.probe(&config).await });
+    }
+}
+
+/// Once a second: probe the backends nothing was learned about lately, retire
+/// idle and old server connections, keep min_pool_size.
 async fn housekeeping(data: Arc<DataPlane>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        probe_backends(&data);
         for backend in data.backends.iter() {
             for pool in backend.pools() {
                 let missing = pool.reap();

@@ -18,6 +18,7 @@ use crate::protocol::framing::read_cstr;
 use crate::protocol::messages::{self, backend};
 use crate::protocol::TxStatus;
 use crate::protocol::{FrameHeader, PgError};
+use crate::reachability::{CheckedBy, Reachability};
 use crate::scram::client::{ScramClient, ScramClientError, ScramKeys};
 use crate::session_params::ParamSet;
 use crate::statements::ServerStatements;
@@ -29,6 +30,8 @@ pub struct BackendAddr {
     pub host: String,
     pub port: u16,
     pub tls: ServerTls,
+    /// What every connection opened here says about reaching the server.
+    pub reachability: Arc<Reachability>,
 }
 
 impl std::fmt::Display for BackendAddr {
@@ -113,6 +116,28 @@ pub enum ServerError {
     Io(#[from] io::Error),
 }
 
+impl ServerError {
+    /// Whether the server answered: a refused login (wrong password, unknown
+    /// database, too many connections) or an authentication pgswitch can't
+    /// do says the server is there; no connection, a timeout, a failed TLS
+    /// handshake, a broken protocol, or a server starting up or shutting down
+    /// (57P01, 57P02, 57P03) say it can't be used.
+    pub fn server_answered(&self) -> bool {
+        match self {
+            ServerError::Refused { fields, .. } => !fields.code.starts_with("57P"),
+            ServerError::NoPassword { .. }
+            | ServerError::PassThroughNeedsScram { .. }
+            | ServerError::PassThrough { .. }
+            | ServerError::UnsupportedAuth { .. } => true,
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout { .. }
+            | ServerError::Protocol { .. }
+            | ServerError::Tls { .. }
+            | ServerError::Io(_) => false,
+        }
+    }
+}
+
 impl UserFacingError for ServerError {
     /// The error a client sees when its server connection could not be had.
     fn to_pg_error(&self) -> PgError {
@@ -155,12 +180,124 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
+    /// Connects and logs in; the outcome is recorded in the backend's
+    /// [`Reachability`].
     pub async fn connect(
         addr: Arc<BackendAddr>,
         login: &Login,
         connect_timeout: Duration,
         statement_capacity: usize,
     ) -> Result<ServerConn, ServerError> {
+        let reachability = addr.reachability.clone();
+        let result = Self::open(addr, login, connect_timeout, statement_capacity).await;
+        match &result {
+            Ok(_) => reachability.record_ok(CheckedBy::Connection),
+            Err(e) => reachability.record_error(CheckedBy::Connection, e.server_answered(), e),
+        }
+        result
+    }
+
+    /// The housekeeping probe of a backend: connect, log in and close (the
+    /// drop says goodbye), recorded in its [`Reachability`] as the probe's.
+    pub async fn probe(
+        addr: Arc<BackendAddr>,
+        login: &Login,
+        timeout: Duration,
+    ) -> Result<(), ServerError> {
+        let reachability = addr.reachability.clone();
+        match Self::open(addr, login, timeout, 1).await {
+            Ok(_) => {
+                reachability.record_ok(CheckedBy::Probe);
+                Ok(())
+            }
+            Err(e) => {
+                reachability.record_error(CheckedBy::Probe, e.server_answered(), &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The first step of a login probe, for a backend without credentials
+    /// to log in with: the startup packet as `user`, and the server's first
+    /// answer. An authentication request (or, from a server that trusts
+    /// pgswitch, its AuthenticationOk) means the server is there and takes
+    /// logins; an error is the server's refusal (57P03 while it starts up).
+    /// The connection is then closed without answering: PostgreSQL ends such
+    /// a backend silently (nothing in its log, nothing in pg_stat_activity).
+    pub async fn probe_startup(
+        addr: Arc<BackendAddr>,
+        user: &str,
+        database: &str,
+        timeout: Duration,
+    ) -> Result<(), ServerError> {
+        let attempt = async {
+            let mut stream = Self::open_stream(&addr, timeout).await?;
+            let mut out = BytesMut::new();
+            messages::startup(&mut out, &[("user", user), ("database", database)]);
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            let mut rbuf = BytesMut::with_capacity(1024);
+            loop {
+                match FrameHeader::complete(&rbuf) {
+                    Ok(Some(h)) => {
+                        let body = &rbuf[5..h.len];
+                        return match h.tag {
+                            backend::AUTHENTICATION => {
+                                if messages::split_authentication(body)
+                                    .is_some_and(|(code, _)| code == messages::AUTH_OK)
+                                {
+                                    // Logged in already: say goodbye.
+                                    let _ = stream.write_all(messages::TERMINATE).await;
+                                    let _ = stream.flush().await;
+                                }
+                                Ok(())
+                            }
+                            backend::ERROR_RESPONSE => Err(ServerError::Refused {
+                                addr: addr.to_string(),
+                                fields: ServerErrorFields::parse(body),
+                            }),
+                            other => Err(ServerError::Protocol {
+                                addr: addr.to_string(),
+                                message: format!(
+                                    "unexpected message '{}' before authentication",
+                                    other.escape_ascii()
+                                ),
+                            }),
+                        };
+                    }
+                    Ok(None) if rbuf.len() < 64 * 1024 => {}
+                    Ok(None) | Err(_) => {
+                        return Err(ServerError::Protocol {
+                            addr: addr.to_string(),
+                            message: "no valid answer to the startup packet".into(),
+                        })
+                    }
+                }
+                if stream.read_buf(&mut rbuf).await? == 0 {
+                    return Err(ServerError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        };
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(ServerError::ConnectTimeout {
+                addr: addr.to_string(),
+            }),
+        };
+        match &result {
+            Ok(()) => addr.reachability.record_ok(CheckedBy::Probe),
+            Err(e) => addr
+                .reachability
+                .record_error(CheckedBy::Probe, e.server_answered(), e),
+        }
+        result
+    }
+
+    /// TCP connect and TLS negotiation, each within `connect_timeout`.
+    async fn open_stream(
+        addr: &BackendAddr,
+        connect_timeout: Duration,
+    ) -> Result<ServerStream, ServerError> {
         let target = (addr.host.as_str(), addr.port);
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
             Err(_) => {
@@ -177,20 +314,25 @@ impl ServerConn {
             Ok(Ok(s)) => s,
         };
         stream.set_nodelay(true)?;
-        let stream = match tokio::time::timeout(connect_timeout, addr.tls.negotiate(stream)).await {
-            Err(_) => {
-                return Err(ServerError::ConnectTimeout {
-                    addr: addr.to_string(),
-                })
-            }
-            Ok(Err(source)) => {
-                return Err(ServerError::Tls {
-                    addr: addr.to_string(),
-                    source,
-                })
-            }
-            Ok(Ok(s)) => s,
-        };
+        match tokio::time::timeout(connect_timeout, addr.tls.negotiate(stream)).await {
+            Err(_) => Err(ServerError::ConnectTimeout {
+                addr: addr.to_string(),
+            }),
+            Ok(Err(source)) => Err(ServerError::Tls {
+                addr: addr.to_string(),
+                source,
+            }),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+
+    async fn open(
+        addr: Arc<BackendAddr>,
+        login: &Login,
+        connect_timeout: Duration,
+        statement_capacity: usize,
+    ) -> Result<ServerConn, ServerError> {
+        let stream = Self::open_stream(&addr, connect_timeout).await?;
         let now = Instant::now();
         let mut conn = ServerConn {
             stream,

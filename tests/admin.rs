@@ -226,3 +226,270 @@ async fn cli_status_pause_resume_and_a_readable_report() {
     assert!(out.contains("cutover blue -> green: REFUSED"), "{out}");
     assert!(out.contains("reason:"), "{out}");
 }
+
+/// Opens a connection to the admin API and sends a request's first lines,
+/// never its end.
+async fn half_sent_request(port: u16) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the admin API");
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .await
+        .expect("send half a request");
+    s
+}
+
+/// Reads until the peer closes (EOF or a reset); returns what was read.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// 500 requests whose headers never end (a slowloris) are closed after
+/// `request_read_timeout`; meanwhile a complete request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_after_request_read_timeout() {
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(&pg, "request_read_timeout = \"1s\"\nmax_connections = 1000");
+    let sent = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..500 {
+        held.push(half_sent_request(proxy.admin_port).await);
+    }
+    let (code, _) = admin_http(proxy.admin_port, "GET", "/status", None, "").await;
+    assert_eq!(code, 200, "a complete request is answered meanwhile");
+    let closes: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), read_until_closed(&mut s)).await;
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut last = sent;
+    for close in closes {
+        last = last.max(close.await.unwrap());
+    }
+    let took = last - sent;
+    assert!(
+        took < Duration::from_secs(5),
+        "the half-sent requests were open for {took:?} (request_read_timeout = 1s)"
+    );
+    let (code, _) = admin_http(proxy.admin_port, "GET", "/health", None, "").await;
+    assert_eq!(code, 200);
+}
+
+/// At most `max_connections` admin connections are served at once; one more
+/// is answered 503 at once and closed, and once a connection ends the next
+/// is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_over_max_connections_get_503() {
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(&pg, "request_read_timeout = \"30s\"\nmax_connections = 4");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(half_sent_request(proxy.admin_port).await);
+    }
+    let t = Instant::now();
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/health", None, "").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("max_connections"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(held);
+    wait_until(Duration::from_secs(10), "a slot frees up", || async {
+        admin_http(proxy.admin_port, "GET", "/health", None, "")
+            .await
+            .0
+            == 200
+    })
+    .await;
+}
+
+async fn status_json(proxy: &Proxy) -> serde_json::Value {
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/status", None, "").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Blue goes down: `/status` says so (reachable false, the error, when it
+/// was checked), `/ready` answers 503 and `pgswitch_backend_up` drops to 0,
+/// while `/health` (liveness) stays 200. Blue comes back: all recover. The
+/// probe logs in with blue's admin credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_ready_report_an_unreachable_backend() {
+    let mut pg = pg_with_app(PgOptions::default(), None);
+    let proxy = ProxyConfig::new(pg.port)
+        .set("server_probe_interval", "300ms")
+        .set("server_connect_timeout", "2s")
+        .backend_set("admin_user", SUPERUSER)
+        .backend_set("admin_password", SUPERUSER_PASSWORD)
+        .app_user()
+        .admin(free_port(), "")
+        .start();
+    let blue = |s: &serde_json::Value| s["backends"]["blue"].clone();
+    let up = wait_for(Duration::from_secs(10), || async {
+        let s = status_json(&proxy).await;
+        (blue(&s)["reachable"] == true).then_some(s)
+    })
+    .await
+    .expect("blue reachable after the first probe");
+    assert_eq!(blue(&up)["checked_by"], "probe", "{up}");
+    assert_eq!(blue(&up)["addr"], format!("127.0.0.1:{}", pg.port), "{up}");
+    assert!(blue(&up)["checked_at_unix_ms"].as_u64().is_some(), "{up}");
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/ready", None, "").await;
+    assert_eq!(code, 200, "{body}");
+
+    pg.stop();
+    let down = wait_for(Duration::from_secs(10), || async {
+        let s = status_json(&proxy).await;
+        (blue(&s)["reachable"] == false).then_some(s)
+    })
+    .await
+    .expect("blue unreachable once stopped");
+    let error = blue(&down)["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains(&format!("127.0.0.1:{}", pg.port)),
+        "the error names blue: {down}"
+    );
+    assert!(
+        blue(&down)["last_error_ms_ago"].as_u64().is_some(),
+        "{down}"
+    );
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/ready", None, "").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"active\":\"blue\""), "{body}");
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/health", None, "").await;
+    assert_eq!(code, 200, "liveness is not readiness: {body}");
+    let (_, metrics) = admin_http(proxy.admin_port, "GET", "/metrics", None, "").await;
+    assert_eq!(
+        metric(&metrics, "pgswitch_backend_up{backend=\"blue\"}"),
+        0.0,
+        "{metrics}"
+    );
+
+    pg.restart();
+    wait_until(Duration::from_secs(10), "blue reachable again", || async {
+        blue(&status_json(&proxy).await)["reachable"] == true
+    })
+    .await;
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/ready", None, "").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, metrics) = admin_http(proxy.admin_port, "GET", "/metrics", None, "").await;
+    assert_eq!(
+        metric(&metrics, "pgswitch_backend_up{backend=\"blue\"}"),
+        1.0
+    );
+    // Clients get through again.
+    let c = client(&proxy).await;
+    c.simple_query("select 1").await.unwrap();
+}
+
+/// Without a probe (server_probe_interval = 0), the proxy's own connections
+/// tell: a client's failed login to a stopped blue marks it unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_server_connection_marks_the_backend_unreachable() {
+    let mut pg = pg_with_app(PgOptions::default(), None);
+    let proxy = ProxyConfig::new(pg.port)
+        .set("server_probe_interval", "0s")
+        .app_user()
+        .admin(free_port(), "")
+        .start();
+    let s = status_json(&proxy).await;
+    assert_eq!(
+        s["backends"]["blue"]["reachable"],
+        serde_json::Value::Null,
+        "{s}"
+    );
+    let c = client(&proxy).await;
+    c.simple_query("select 1").await.unwrap();
+    let s = status_json(&proxy).await;
+    assert_eq!(s["backends"]["blue"]["reachable"], true, "{s}");
+    assert_eq!(s["backends"]["blue"]["checked_by"], "connection", "{s}");
+    drop(c);
+    pg.stop();
+    let err = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password=secret dbname=postgres application_name=other",
+            proxy.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("no server: the login fails");
+    assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err}");
+    let s = status_json(&proxy).await;
+    assert_eq!(s["backends"]["blue"]["reachable"], false, "{s}");
+    assert!(
+        s["backends"]["blue"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not connect")),
+        "{s}"
+    );
+}
+
+/// Without admin credentials the probe goes as far as the server's first
+/// answer to a pool user's startup packet, and no further: it leaves
+/// nothing in the server's log and never shows among the pool's server
+/// connections, yet tells a stopped server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_without_admin_credentials_stops_at_the_first_answer() {
+    let mut pg = pg_with_app(PgOptions::default(), None);
+    let proxy = ProxyConfig::new(pg.port)
+        .set("server_probe_interval", "200ms")
+        .pool_size(1)
+        .app_user()
+        .admin(free_port(), "")
+        .start();
+    let c = client(&proxy).await;
+    c.simple_query("select 1").await.unwrap();
+    let log_before = pg.log();
+    let admin = pg.admin().await;
+    // Several probes by the pool's user.
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    wait_until(Duration::from_secs(10), "three probes", || async {
+        let s = status_json(&proxy).await;
+        let blue = &s["backends"]["blue"];
+        let mut seen = seen.lock().unwrap();
+        if blue["checked_by"] == "probe" && blue["reachable"] == true {
+            seen.insert(blue["checked_at_unix_ms"].as_u64().unwrap_or(0));
+        }
+        seen.len() >= 3
+    })
+    .await;
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "only the pool's own connection");
+    let log = pg.log();
+    let new_lines = &log[log_before.len().min(log.len())..];
+    assert!(
+        !new_lines.contains("FATAL") && !new_lines.contains("could not receive"),
+        "the probe left lines in the server log:\n{new_lines}"
+    );
+    drop(admin);
+    drop(c);
+    pg.stop();
+    wait_until(Duration::from_secs(10), "blue unreachable", || async {
+        status_json(&proxy).await["backends"]["blue"]["reachable"] == false
+    })
+    .await;
+}

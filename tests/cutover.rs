@@ -720,3 +720,61 @@ async fn cutover_during_an_operator_pause_keeps_the_pause() {
         "pause sum {sum} < operator's pause {operator_pause}"
     );
 }
+
+/// At `RUST_LOG=trace` a cutover and a fallback log no password, though the
+/// cutover creates the reverse subscription (on blue) with a conninfo that
+/// holds green's admin password, and tokio-postgres logs every statement at
+/// debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_in_the_log_at_trace_level() {
+    // Quoted in the conninfo (a space and a quote), doubled in the SQL literal.
+    const SECRET: &str = "Gr33n-S3cret";
+    let password = format!("{SECRET} and 'quotes'");
+    let p = pair().await;
+    p.green.psql(&format!(
+        "CREATE ROLE switcher SUPERUSER LOGIN PASSWORD {}",
+        quote_literal(&password)
+    ));
+    let cfg = ProxyConfig::new(p.blue.port)
+        .pool_mode("transaction")
+        .backend_set("server_tls", "disable")
+        .backend_set("admin_user", SUPERUSER)
+        .backend_set("admin_password", SUPERUSER_PASSWORD)
+        .backend("green", p.green.port)
+        .backend_set("server_tls", "disable")
+        .backend_set("admin_user", "switcher")
+        .backend_set("admin_password", &password)
+        .table("[replication]\ndatabase = \"app\"")
+        .table("[cutover]\nactive = \"blue\"")
+        .admin(free_port(), &format!("token = \"{TOKEN}\""))
+        .user("app", "app");
+    let proxy = Proxy::start_with_env(&cfg.toml(), &[("RUST_LOG", "trace")]);
+    let c = connect(&proxy, "app").await.unwrap();
+    assert_eq!(server_port(&c).await, p.blue.port as i32);
+    let (code, report) = switch(&proxy, "/cutover", "").await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(server_port(&c).await, p.green.port as i32);
+    catch_up(&p.g, "pgswitch_reverse", &p.b, "pgswitch_reverse").await;
+    let (code, report) = switch(&proxy, "/fallback", "").await;
+    assert_eq!(code, 200, "{report}");
+    // A debug line, to show the level is in force: an admin connection
+    // that ends in an error (here: not HTTP).
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.admin_port))
+            .await
+            .unwrap();
+        s.write_all(b"not http\r\n\r\n").await.unwrap();
+    }
+    assert!(
+        proxy.wait_for_log("admin connection ended", WAIT),
+        "no debug line in the log"
+    );
+    let logs = proxy.logs();
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(SECRET)).collect();
+    assert!(
+        leaks.is_empty(),
+        "green's admin password is in the log:\n{}",
+        leaks.join("\n")
+    );
+}

@@ -300,6 +300,82 @@ async fn startup_without_user_gets_fatal_28000() {
     }
 }
 
+/// Writes all of `bytes` (a write error is returned, not raised: the peer
+/// may close early), then reads until the peer closes. Returns the write's
+/// outcome, everything read, and how the reading ended (None: an orderly
+/// EOF; Some: the error, ECONNRESET for a reset).
+async fn send_all_then_read(
+    port: u16,
+    bytes: &[u8],
+) -> (std::io::Result<()>, Vec<u8>, Option<std::io::Error>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let written = stream.write_all(bytes).await;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let ended = loop {
+        match tokio::time::timeout(RAW_IO_TIMEOUT, stream.read(&mut chunk)).await {
+            Err(_) => panic!("no EOF within {RAW_IO_TIMEOUT:?}; read {got:?}"),
+            Ok(Ok(0)) => break None,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => break Some(e),
+        }
+    };
+    (written, got, ended)
+}
+
+/// 4 KB of garbage (an HTTP request sent to the PostgreSQL port) or a
+/// 100 kB startup packet: the proxy refuses after the first bytes, with the
+/// client's other bytes still unread. The client must get the 08P01
+/// ErrorResponse and an orderly close, not a connection reset (which on
+/// the client's side can come before, and instead of, the error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_startup_with_unread_bytes_gets_its_error_not_a_reset() {
+    let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);
+    let garbage: Vec<u8> = b"GET /status HTTP/1.1\r\nHost: db\r\nX-Filler: "
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(b'x'))
+        .take(4096)
+        .collect();
+    let long_value = "v".repeat(100_000);
+    let oversized = startup_packet(
+        PROTOCOL_3_0,
+        &[("user", USER), ("application_name", &long_value)],
+    );
+    assert!(oversized.len() > 100_000);
+    for (label, bytes) in [("4 KB of garbage", garbage), ("100 kB startup", oversized)] {
+        for round in 0..5 {
+            let (written, got, ended) = send_all_then_read(proxy.port, &bytes).await;
+            let label = format!("{label} (round {round})");
+            assert!(
+                ended.is_none(),
+                "{label}: the read ended with {ended:?} instead of EOF (write: {written:?}, read {} bytes: {:?})",
+                got.len(),
+                String::from_utf8_lossy(&got)
+            );
+            assert!(written.is_ok(), "{label}: write failed: {written:?}");
+            assert_eq!(got.first(), Some(&b'E'), "{label}: {got:?}");
+            let e = error_fields(&got[5..]);
+            assert_eq!(
+                e.get(&'S').map(String::as_str),
+                Some("FATAL"),
+                "{label}: {e:?}"
+            );
+            assert_eq!(
+                e.get(&'C').map(String::as_str),
+                Some("08P01"),
+                "{label}: {e:?}"
+            );
+        }
+    }
+    // The proxy is still fine afterwards.
+    let client = connect(&proxy).await;
+    assert_eq!(select_int(&client, "SELECT 1").await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_3_2_gets_negotiate_protocol_version_then_works() {
     let (_pg, proxy) = pg_and_proxy(HbaAuth::ScramSha256);

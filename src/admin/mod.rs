@@ -1,7 +1,9 @@
-//! The admin HTTP API (control plane): health, status, Prometheus metrics,
-//! cutover and fallback, and the operator's hold of the gate (pause/resume). Every endpoint but `GET /health` requires
-//! `Authorization: Bearer <token>` when a token is configured; a non-loopback
-//! listen address without a token is refused at config load.
+//! The admin HTTP API (control plane): health (liveness), ready (the active
+//! backend is reachable), status, Prometheus metrics, cutover and fallback,
+//! and the operator's hold of the gate (pause/resume). Every endpoint but
+//! `GET /health` and `GET /ready` requires `Authorization: Bearer <token>`
+//! when a token is configured; a non-loopback listen address without a token
+//! is refused at config load.
 
 pub mod client;
 mod views;
@@ -9,6 +11,7 @@ mod views;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -17,10 +20,12 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::cutover::{Controller, Direction, Options};
 use crate::data_plane::DataPlane;
@@ -50,37 +55,96 @@ pub struct AdminState {
     pub lag: Arc<LagWatch>,
 }
 
-/// Serves the admin API until the process ends.
+/// Refused connections (over `max_connections`) answered with a 503 at a
+/// time; past these, one more is closed without an answer.
+const MAX_REFUSING: usize = 16;
+
+/// How long answering one refused connection may take (the 503, then reading
+/// what the client sent so that the close is not a reset).
+const REFUSE_TIME: Duration = Duration::from_millis(200);
+
+/// Serves the admin API until the process ends: at most `max_connections`
+/// connections at once, each with `request_read_timeout` to send a request's
+/// headers (and, for the endpoints that read one, its body).
 pub async fn serve(app: Arc<AdminState>, listener: TcpListener) {
+    let max_connections = app.data.config().admin.max_connections;
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream, max_connections).await;
+                    drop(permit);
+                });
+            }
+            continue;
+        };
         let app = app.clone();
         tokio::spawn(async move {
+            let read_timeout = app.data.config().admin.request_read_timeout;
             let service = service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(route(&app, req).await) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 tracing::debug!(error = %e, "admin connection ended");
             }
+            drop(slot);
         });
     }
 }
 
+/// Answers a connection over `max_connections` with a 503 and closes it:
+/// the write side first, then what the client sent is read (briefly), so
+/// that the close is not a reset that could overtake the answer.
+async fn refuse(mut stream: TcpStream, max_connections: usize) {
+    let body = json!({
+        "error": format!("too many admin connections (max_connections = {max_connections})")
+    })
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < 64 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSE_TIME, answer).await;
+}
+
 async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    // Liveness: the process is up and serves HTTP (says nothing of the backends).
     if req.method() == Method::GET && path == "/health" {
         return text(StatusCode::OK, "ok\n");
+    }
+    if req.method() == Method::GET && path == "/ready" {
+        return ready(&app.data);
     }
     if !authorized(app, &req) {
         return json_response(
@@ -107,7 +171,8 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
             } else {
                 Direction::Fallback
             };
-            let options = match read_options(req).await {
+            let read_timeout = app.data.config().admin.request_read_timeout;
+            let options = match read_options(req, read_timeout).await {
                 Ok(options) => options,
                 Err(message) => {
                     return json_response(StatusCode::BAD_REQUEST, &json!({"error": message}))
@@ -136,12 +201,37 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
     }
 }
 
-/// The optional JSON body of /cutover and /fallback.
-async fn read_options(req: Request<Incoming>) -> Result<Options, String> {
-    let body = req
-        .into_body()
-        .collect()
+/// The longest request body read (the options of /cutover and /fallback).
+const MAX_BODY: usize = 64 * 1024;
+
+/// Readiness: 200 when the active backend was reachable at its last
+/// connection or probe, 503 otherwise (also before the first one). Open
+/// like /health, so it says no more than that: the error is in /status.
+fn ready(data: &DataPlane) -> Response<Full<Bytes>> {
+    let active = data.switch.active();
+    let reachable = active.addr.reachability.reachable();
+    let ready = reachable == Some(true);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        status,
+        &json!({
+            "ready": ready,
+            "active": active.side.as_str(),
+            "reachable": reachable,
+        }),
+    )
+}
+
+/// The optional JSON body of /cutover and /fallback, sent within `timeout`.
+async fn read_options(req: Request<Incoming>, timeout: Duration) -> Result<Options, String> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let body = tokio::time::timeout(timeout, body.collect())
         .await
+        .map_err(|_| format!("the body did not arrive within request_read_timeout ({timeout:?})"))?
         .map_err(|e| format!("reading the body: {e}"))?
         .to_bytes();
     if body.iter().all(u8::is_ascii_whitespace) {

@@ -32,8 +32,35 @@ pub fn metrics_snapshot(data: &DataPlane) -> Snapshot {
         }
         snapshot.clients_active += active;
         snapshot.servers.push((backend.side.as_str(), active, idle));
+        if let Some(up) = backend.addr.reachability.reachable() {
+            snapshot.backends_up.push((backend.side.as_str(), up));
+        }
     }
     snapshot
+}
+
+/// Each backend's reachability, for /status: whether the last connection
+/// (or probe) reached it, when and how that was, and the last error.
+pub fn backends(data: &DataPlane) -> serde_json::Value {
+    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
+    let backends: serde_json::Map<String, serde_json::Value> = data
+        .backends
+        .iter()
+        .map(|b| {
+            let r = b.addr.reachability.report();
+            let view = serde_json::json!({
+                "addr": b.addr.to_string(),
+                "reachable": r.reachable,
+                "checked_by": r.checked_by,
+                "checked_ms_ago": ms(r.checked_ago),
+                "checked_at_unix_ms": r.checked_at_unix_ms,
+                "last_error": r.last_error,
+                "last_error_ms_ago": ms(r.last_error_ago),
+            });
+            (b.side.as_str().to_owned(), view)
+        })
+        .collect();
+    serde_json::Value::Object(backends)
 }
 
 /// GET /status.
@@ -58,6 +85,7 @@ pub fn status(app: &AdminState) -> serde_json::Value {
         "unfinished_switch": app.cutover.persisted().intent,
         "unreconciled": app.cutover.unreconciled(),
         "replication_lag": app.lag.get(),
+        "backends": backends(data),
         "clients": data.client_count(),
         "pools": pools,
     })

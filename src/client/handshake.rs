@@ -73,7 +73,7 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
     };
     let (reply, reason) = failure.into_reply(&data.metrics);
     if let (Some(e), Some(conn)) = (reply, conn.as_mut()) {
-        conn.send_error(&e).await;
+        conn.refuse(&e).await;
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(client = id, %peer, duration_ms, %reason, "client closed during login");
@@ -112,7 +112,7 @@ async fn open(tls: &ClientTls, mut conn: ClientConn) -> Result<ClientConn, OpenF
         };
         if alpn != Some(ALPN_POSTGRESQL) {
             // As PostgreSQL 17: direct TLS must say which protocol it carries.
-            conn.send_error(&PgError::fatal(
+            conn.refuse(&PgError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 "direct SSL connection was established without ALPN protocol negotiation extension",
             ))

@@ -93,6 +93,10 @@ pub struct ProxyConfig {
     pub server_lifetime: Duration,
     #[serde(with = "humantime_serde")]
     pub server_connect_timeout: Duration,
+    /// A backend nothing connected to for this long is probed (connect and
+    /// log in, then close) for `/status` and `/ready`; 0 turns the probe off.
+    #[serde(with = "humantime_serde")]
+    pub server_probe_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub client_login_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -147,6 +151,7 @@ impl Default for ProxyConfig {
             server_idle_timeout: Duration::from_secs(600),
             server_lifetime: Duration::from_secs(3600),
             server_connect_timeout: Duration::from_secs(5),
+            server_probe_interval: Duration::from_secs(5),
             client_login_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             prepared_statements_per_server: 500,
@@ -471,6 +476,15 @@ impl Config {
                 "must be between 64kB and 1GB",
             ));
         }
+        if self.admin.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if self.admin.request_read_timeout.is_zero() {
+            return Err(invalid(
+                "admin.request_read_timeout",
+                "must be longer than 0",
+            ));
+        }
         match (&p.tls_cert, &p.tls_key) {
             (Some(_), None) => return Err(invalid("proxy.tls_key", "is required with tls_cert")),
             (None, Some(_)) => return Err(invalid("proxy.tls_cert", "is required with tls_key")),
@@ -719,6 +733,27 @@ mod tests {
         assert!(err.to_string().contains("cutover.active"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[[users]]\nname = \"a\"")).unwrap_err();
         assert!(err.to_string().contains("users[0].password"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[admin]\nmax_connections = 0")).unwrap_err();
+        assert!(err.to_string().contains("admin.max_connections"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}\n[admin]\nrequest_read_timeout = \"0s\""
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("admin.request_read_timeout"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn admin_limits_and_the_probe_have_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.admin.request_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.admin.max_connections, 64);
+        assert_eq!(c.proxy.server_probe_interval, Duration::from_secs(5));
+        let c =
+            parse(&MINIMAL.replace("[proxy]", "[proxy]\nserver_probe_interval = \"0s\"")).unwrap();
+        assert!(c.proxy.server_probe_interval.is_zero());
     }
 
     #[test]

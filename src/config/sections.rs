@@ -201,6 +201,13 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
     /// Name of an environment variable holding the token.
     pub token_env: Option<String>,
+    /// How long a client may take to send a request's headers (and its
+    /// body); an idle keep-alive connection is closed after it too.
+    #[serde(with = "humantime_serde")]
+    pub request_read_timeout: Duration,
+    /// Admin connections served at once; one more is answered 503 and
+    /// closed. Takes effect on restart.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -209,6 +216,8 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9930)),
             token: None,
             token_env: None,
+            request_read_timeout: Duration::from_secs(5),
+            max_connections: 64,
         }
     }
 }

@@ -87,7 +87,9 @@ pub enum ReplicationError {
 
 impl ReplicationError {
     /// Builds a [`ReplicationError::Sql`] from a client error, keeping the
-    /// server's message and SQLSTATE when the server sent one.
+    /// server's message and SQLSTATE when the server sent one (with any
+    /// conninfo password in it redacted: the message reaches the log and the
+    /// cutover report).
     pub(crate) fn sql(step: impl Into<String>, e: tokio_postgres::Error) -> Self {
         let (code, message) = match e.as_db_error() {
             Some(db) => {
@@ -101,9 +103,9 @@ impl ReplicationError {
             None => (None, e.to_string()),
         };
         ReplicationError::Sql {
-            step: step.into(),
+            step: crate::logging::redact(&step.into()).into_owned(),
             code,
-            message,
+            message: crate::logging::redact(&message).into_owned(),
         }
     }
 
@@ -165,10 +167,11 @@ pub async fn connect(
         Err(_) => Err(ReplicationError::ConnectTimeout { target, timeout }),
         Ok(Err(e)) => Err(ReplicationError::Connect {
             target,
-            message: match e.as_db_error() {
+            message: crate::logging::redact(&match e.as_db_error() {
                 Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
                 None => e.to_string(),
-            },
+            })
+            .into_owned(),
         }),
         Ok(Ok((client, connection))) => {
             tokio::spawn(async move {

@@ -8,7 +8,8 @@ use std::time::Instant;
 /// A running `pgswitch run --config <file>` process.
 ///
 /// stdout and stderr go to `dir/proxy.log`. `RUST_LOG` is passed through
-/// from the test environment, defaulting to `info`. Dropping it kills the
+/// from the test environment, defaulting to `info` (or set per proxy with
+/// [`start_with_env`](Self::start_with_env)). Dropping it kills the
 /// process (SIGKILL) and deletes `dir`; if the test is panicking the log tail
 /// is printed to stderr first.
 pub struct Proxy {
@@ -40,24 +41,25 @@ impl Proxy {
         Self::start_with_port(config_toml, port)
     }
 
-    /// Like [`start`](Self::start) but waits for the given port.
-    pub fn start_with_port(config_toml: &str, port: u16) -> Proxy {
-        let mut p = Self::spawn_with_port(config_toml, port);
-        if let Err(e) = p.wait_ready(Duration::from_secs(10)) {
-            panic!("{e}\n---- proxy log ----\n{}\n----", p.logs());
-        }
-        p
-    }
-
-    /// Like [`start`](Self::start), with extra environment variables.
+    /// Like [`start`](Self::start), with extra environment variables for the
+    /// process (e.g. `RUST_LOG`, which then wins over the test's own).
     pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Proxy {
-        let port = parse_listen_port(config_toml).expect("[proxy] listen");
+        let port = parse_listen_port(config_toml).expect("`listen` in [proxy]");
         let mut p = Self::unstarted(config_toml, port);
         p.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         p.spawn_process();
+        if let Err(e) = p.wait_ready(Duration::from_secs(10)) {
+            panic!("{e}\n---- proxy log ----\n{}\n----", p.logs());
+        }
+        p
+    }
+
+    /// Like [`start`](Self::start) but waits for the given port.
+    pub fn start_with_port(config_toml: &str, port: u16) -> Proxy {
+        let mut p = Self::spawn_with_port(config_toml, port);
         if let Err(e) = p.wait_ready(Duration::from_secs(10)) {
             panic!("{e}\n---- proxy log ----\n{}\n----", p.logs());
         }
