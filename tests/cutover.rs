@@ -745,7 +745,10 @@ async fn no_password_in_the_log_at_trace_level() {
         .backend_set("admin_user", "switcher")
         .backend_set("admin_password", &password)
         .table("[replication]\ndatabase = \"app\"")
-        .table("[cutover]\nactive = \"blue\"")
+        .table(&format!(
+            "[cutover]\nactive = \"blue\"\nstate_file = \"{}\"",
+            p.state_file().display()
+        ))
         .admin(free_port(), &format!("token = \"{TOKEN}\""))
         .user("app", "app");
     let proxy = Proxy::start_with_env(&cfg.toml(), &[("RUST_LOG", "trace")]);
