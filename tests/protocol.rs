@@ -253,16 +253,7 @@ async fn garbage_startup_lengths_get_08p01() {
         let mut raw = Raw::connect(proxy.port).await;
         raw.send(&bytes).await;
         let e = raw.expect_error().await;
-        assert_eq!(
-            e.get(&'S').map(String::as_str),
-            Some("FATAL"),
-            "{label}: {e:?}"
-        );
-        assert_eq!(
-            e.get(&'C').map(String::as_str),
-            Some("08P01"),
-            "{label}: {e:?}"
-        );
+        assert_fatal_08p01(&e, label);
         raw.expect_eof().await;
     }
     // The proxy is still fine afterwards.
@@ -359,16 +350,7 @@ async fn refused_startup_with_unread_bytes_gets_its_error_not_a_reset() {
             assert!(written.is_ok(), "{label}: write failed: {written:?}");
             assert_eq!(got.first(), Some(&b'E'), "{label}: {got:?}");
             let e = error_fields(&got[5..]);
-            assert_eq!(
-                e.get(&'S').map(String::as_str),
-                Some("FATAL"),
-                "{label}: {e:?}"
-            );
-            assert_eq!(
-                e.get(&'C').map(String::as_str),
-                Some("08P01"),
-                "{label}: {e:?}"
-            );
+            assert_fatal_08p01(&e, &label);
         }
     }
     // The proxy is still fine afterwards.
@@ -1060,4 +1042,18 @@ async fn cancel_still_works_when_max_client_conn_is_reached() {
         .unwrap();
     let err = r.expect_err("pg_sleep(30) was not cancelled");
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
+}
+
+/// A FATAL protocol violation (08P01), as the proxy answers bad startup input.
+fn assert_fatal_08p01(e: &std::collections::HashMap<char, String>, label: &str) {
+    assert_eq!(
+        e.get(&'S').map(String::as_str),
+        Some("FATAL"),
+        "{label}: {e:?}"
+    );
+    assert_eq!(
+        e.get(&'C').map(String::as_str),
+        Some("08P01"),
+        "{label}: {e:?}"
+    );
 }
