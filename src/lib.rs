@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod backends;
 pub mod cancel;
+pub mod check;
 pub mod client;
 pub mod client_conn;
 pub mod config;

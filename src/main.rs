@@ -42,6 +42,15 @@ enum Command {
     Pause(AdminArgs),
     /// Release held transactions.
     Resume(AdminArgs),
+    /// Is the pair ready for a cutover? Checks both servers (read-only);
+    /// exits non-zero when a check fails.
+    Check {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// With pgswitch stopped: bring both servers to the state file's answer
     /// (undo a switch a crash interrupted), or make --active the active side.
     Recover {
@@ -80,6 +89,21 @@ struct SwitchArgs {
     timeout_ms: Option<u64>,
 }
 
+/// The single-threaded runtime a command (not `run`) works in; `None`
+/// after saying why it could not start.
+fn command_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("pgswitch: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Runs an admin API call and prints the answer; exit 0 only on HTTP 200.
 fn admin_call(
     args: &AdminArgs,
@@ -87,15 +111,8 @@ fn admin_call(
     path: &str,
     body: Option<String>,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgswitch: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(pgswitch::admin::client::call(
         &args.admin,
@@ -180,6 +197,41 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `pgswitch check`: the report, and exit 1 when a check fails.
+fn check(path: &std::path::Path, json: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgswitch: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(pgswitch::check::run(&config)) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            if report.level() == pgswitch::check::Level::Fail {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("pgswitch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `pgswitch recover`: one reconcile against both servers, offline.
 fn recover(path: &std::path::Path, active: Option<&str>) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
@@ -197,12 +249,8 @@ fn recover(path: &std::path::Path, active: Option<&str>) -> ExitCode {
             Side::Blue
         }
     });
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let recovery = match pgswitch::cutover::Recovery::open(&config) {
@@ -251,6 +299,7 @@ fn main() -> ExitCode {
             Some(switch_body(&args)),
         ),
         Command::Recover { config, active } => recover(&config, active.as_deref()),
+        Command::Check { config, json } => check(&config, json),
         Command::CheckConfig { config } => match check_config(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

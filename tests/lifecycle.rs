@@ -1,0 +1,146 @@
+//! The upgrade lifecycle commands (issue 15) against real servers: blue
+//! PostgreSQL 15, green 17. So far: `pgswitch check`.
+mod support;
+
+use support::*;
+
+/// Runs `pgswitch check --json` with `config`; (exit status ok, report).
+fn check(p: &Pair, config: &str) -> (bool, serde_json::Value) {
+    let path = p.dir.path().join("check.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["check", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
+/// The checks at `level`, as (check, side) pairs.
+fn at(report: &serde_json::Value, level: &str) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["level"] == level)
+        .map(|f| {
+            (
+                f["check"].as_str().unwrap().to_owned(),
+                f["side"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(c, s)| (c.to_string(), s.to_string()))
+        .collect()
+}
+
+/// `check` flags exactly the planted problems, each naming its object, and
+/// passes once they are fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_flags_exactly_the_planted_problems() {
+    let p = pair().await;
+    p.blue.create_user("app2", "app2");
+    p.blue.psql_db(
+        "app",
+        "CREATE TABLE no_key (a int); \
+         CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY); \
+         CREATE MATERIALIZED VIEW totals AS SELECT count(*) FROM acked; \
+         SELECT lo_create(0); \
+         SELECT setval('serial_items_id_seq', 100);",
+    );
+    // A transaction left open on blue, by a session that bypasses pgswitch.
+    let open = p.blue.connect("app", "app", "app").await;
+    open.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let config = proxy_config(
+        &p,
+        "drain_timeout = \"1ms\"",
+        "\n[[users]]\nname = \"app2\"\npassword = \"app2\"\n",
+    );
+
+    let (ok, report) = check(&p, &config);
+    assert!(!ok, "a failed check exits non-zero: {report:#}");
+    assert_eq!(
+        at(&report, "fail"),
+        pairs(&[
+            ("replica_identity", "blue"),
+            ("roles", "green"),
+            ("schema", "green")
+        ]),
+        "{report:#}"
+    );
+    assert_eq!(
+        at(&report, "warn"),
+        pairs(&[
+            ("large_objects", "blue"),
+            ("long_transactions", "blue"),
+            ("materialized_views", "blue"),
+            ("sequences", "green"),
+            ("sessions_on_blue", "blue"),
+            ("unlogged_tables", "blue"),
+        ]),
+        "{report:#}"
+    );
+    // The same for a terminal: one line per check, the fix under it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["check", "--config"])
+        .arg(p.dir.path().join("check.toml"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        table.contains("FAIL  blue   replica_identity") && table.contains("fix: add a primary key"),
+        "{table}"
+    );
+    assert!(table.contains("3 failed"), "{table}");
+    let text = report.to_string();
+    for named in [
+        "public.no_key",
+        "public.scratch",
+        "public.totals",
+        "app2",
+        "app@",
+        "public.no_key.a integer",
+        "public.serial_items_id_seq (0 < 100)",
+    ] {
+        assert!(text.contains(named), "{named} not named: {report:#}");
+    }
+
+    // Fixed: every check passes.
+    drop(open);
+    p.blue.psql_db(
+        "app",
+        "ALTER TABLE no_key ADD PRIMARY KEY (a); \
+         ALTER TABLE scratch SET LOGGED; \
+         DROP MATERIALIZED VIEW totals; \
+         SELECT lo_unlink(oid) FROM pg_largeobject_metadata;",
+    );
+    p.green.create_user("app2", "app2");
+    p.green.psql_db(
+        "app",
+        "CREATE TABLE no_key (a int PRIMARY KEY); CREATE TABLE scratch (id int PRIMARY KEY); \
+         SELECT setval('serial_items_id_seq', 100);",
+    );
+    let passed = wait_for(WAIT, || async {
+        let (ok, report) = check(&p, &config);
+        (ok && at(&report, "warn").is_empty()).then_some(report)
+    })
+    .await;
+    assert!(passed.is_some(), "{:#}", check(&p, &config).1);
+}
