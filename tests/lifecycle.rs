@@ -143,4 +143,12 @@ async fn check_flags_exactly_the_planted_problems() {
     })
     .await;
     assert!(passed.is_some(), "{:#}", check(&p, &config).1);
+
+    // The same report from a running pgswitch's admin API.
+    let proxy = Proxy::start(&config);
+    let (code, body) = admin_http(proxy.admin_port, "GET", "/check", Some(TOKEN), "").await;
+    assert_eq!(code, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(at(&report, "fail").is_empty(), "{report:#}");
+    assert!(at(&report, "pass").len() >= 15, "{report:#}");
 }

@@ -154,6 +154,19 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
     }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/status") => json_response(StatusCode::OK, &views::status(app)),
+        (&Method::GET, "/check") => {
+            let config = app.data.config().clone();
+            match crate::check::run(&config).await {
+                Ok(report) => json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&report).unwrap_or_default(),
+                ),
+                Err(e) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": e.to_string()}),
+                ),
+            }
+        }
         (&Method::GET, "/metrics") => {
             let body = app.data.metrics.render(&views::metrics_snapshot(&app.data));
             Response::builder()
