@@ -219,16 +219,7 @@ async fn unsupported_protocol_major_versions_get_fatal_0a000() {
         ))
         .await;
         let e = raw.expect_error().await;
-        assert_eq!(
-            e.get(&'S').map(String::as_str),
-            Some("FATAL"),
-            "{label}: {e:?}"
-        );
-        assert_eq!(
-            e.get(&'C').map(String::as_str),
-            Some("0A000"),
-            "{label}: {e:?}"
-        );
+        assert_fatal(&e, "0A000", label);
         assert!(
             e.get(&'M').is_some_and(|m| m.contains(label)),
             "{label}: message should name the version: {e:?}"
@@ -253,7 +244,7 @@ async fn garbage_startup_lengths_get_08p01() {
         let mut raw = Raw::connect(proxy.port).await;
         raw.send(&bytes).await;
         let e = raw.expect_error().await;
-        assert_fatal_08p01(&e, label);
+        assert_fatal(&e, "08P01", label);
         raw.expect_eof().await;
     }
     // The proxy is still fine afterwards.
@@ -350,7 +341,7 @@ async fn refused_startup_with_unread_bytes_gets_its_error_not_a_reset() {
             assert!(written.is_ok(), "{label}: write failed: {written:?}");
             assert_eq!(got.first(), Some(&b'E'), "{label}: {got:?}");
             let e = error_fields(&got[5..]);
-            assert_fatal_08p01(&e, &label);
+            assert_fatal(&e, "08P01", &label);
         }
     }
     // The proxy is still fine afterwards.
@@ -1044,8 +1035,8 @@ async fn cancel_still_works_when_max_client_conn_is_reached() {
     assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err:?}");
 }
 
-/// A FATAL protocol violation (08P01), as the proxy answers bad startup input.
-fn assert_fatal_08p01(e: &std::collections::HashMap<char, String>, label: &str) {
+/// A FATAL error with SQLSTATE `code`, as the proxy answers bad startup input.
+fn assert_fatal(e: &std::collections::HashMap<char, String>, code: &str, label: &str) {
     assert_eq!(
         e.get(&'S').map(String::as_str),
         Some("FATAL"),
@@ -1053,7 +1044,7 @@ fn assert_fatal_08p01(e: &std::collections::HashMap<char, String>, label: &str) 
     );
     assert_eq!(
         e.get(&'C').map(String::as_str),
-        Some("08P01"),
+        Some(code),
         "{label}: {e:?}"
     );
 }
