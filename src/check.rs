@@ -109,7 +109,7 @@ pub async fn run(config: &Config) -> Result<Report, CheckError> {
     .map_err(CheckError::Connect)?;
     let mut r = Findings(Vec::new());
     for (side, c) in [(Side::Blue, &blue), (Side::Green, &green)] {
-        server_settings(&mut r, side, c)
+        server_settings(&mut r, config, side, c)
             .await
             .map_err(|source| CheckError::Query { side, source })?;
     }
@@ -195,7 +195,14 @@ async fn one_i64(c: &Client, sql: &str, step: &str) -> Result<i64, ReplicationEr
 
 /// `wal_level`, free slots and WAL senders (green needs them for the
 /// reverse direction), and slots nobody reads (they retain WAL for ever).
-async fn server_settings(r: &mut Findings, side: Side, c: &Client) -> Result<(), ReplicationError> {
+/// pgswitch's own slots are left out: the forward one is idle on purpose
+/// while green is active (and kept advanced), the reverse one is dropped.
+async fn server_settings(
+    r: &mut Findings,
+    config: &Config,
+    side: Side,
+    c: &Client,
+) -> Result<(), ReplicationError> {
     let wal_level = texts(c, "SELECT current_setting('wal_level')", "wal_level").await?;
     let wal_level = wal_level.first().cloned().unwrap_or_default();
     if wal_level == "logical" {
@@ -237,17 +244,23 @@ async fn server_settings(r: &mut Findings, side: Side, c: &Client) -> Result<(),
     if level == Level::Fail {
         r.fix("raise max_replication_slots / max_wal_senders (restart needed)");
     }
-    let inactive = texts(
-        c,
-        "SELECT slot_name || ' (retains ' || \
-                pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), \
-                                                                    restart_lsn)) || ')' \
-           FROM pg_catalog.pg_replication_slots \
-          WHERE NOT active AND restart_lsn IS NOT NULL AND slot_name <> 'pgswitch_reverse' \
-          ORDER BY 1",
-        "inactive slots",
-    )
-    .await?;
+    let step = "inactive slots";
+    let rows = c
+        .query(
+            "SELECT slot_name || ' (retains ' || \
+                    pg_catalog.pg_size_pretty(pg_catalog.pg_wal_lsn_diff( \
+                        pg_catalog.pg_current_wal_lsn(), restart_lsn)) || ')' \
+               FROM pg_catalog.pg_replication_slots \
+              WHERE NOT active AND restart_lsn IS NOT NULL AND slot_name <> ALL($1) \
+              ORDER BY 1",
+            &[&vec![config.replication.slot(), "pgswitch_reverse"]],
+        )
+        .await
+        .map_err(|e| ReplicationError::sql(step, e))?;
+    let inactive = rows
+        .iter()
+        .map(|row| row.try_get(0).map_err(|e| ReplicationError::sql(step, e)))
+        .collect::<Result<Vec<String>, _>>()?;
     r.objects(
         "inactive_slots",
         side,

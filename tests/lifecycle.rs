@@ -62,6 +62,11 @@ async fn check_flags_exactly_the_planted_problems() {
          SELECT lo_create(0); \
          SELECT setval('serial_items_id_seq', 100);",
     );
+    // A slot nobody reads (its own statement: not in a transaction that wrote).
+    p.blue.psql_db(
+        "app",
+        "SELECT pg_create_logical_replication_slot('orphan', 'pgoutput')",
+    );
     // A transaction left open on blue, by a session that bypasses pgswitch.
     let open = p.blue.connect("app", "app", "app").await;
     open.batch_execute("BEGIN; SELECT txid_current()")
@@ -87,6 +92,7 @@ async fn check_flags_exactly_the_planted_problems() {
     assert_eq!(
         at(&report, "warn"),
         pairs(&[
+            ("inactive_slots", "blue"),
             ("large_objects", "blue"),
             ("long_transactions", "blue"),
             ("materialized_views", "blue"),
@@ -118,6 +124,7 @@ async fn check_flags_exactly_the_planted_problems() {
         "app@",
         "public.no_key.a integer",
         "public.serial_items_id_seq (0 < 100)",
+        "orphan (retains",
     ] {
         assert!(text.contains(named), "{named} not named: {report:#}");
     }
@@ -131,6 +138,8 @@ async fn check_flags_exactly_the_planted_problems() {
          DROP MATERIALIZED VIEW totals; \
          SELECT lo_unlink(oid) FROM pg_largeobject_metadata;",
     );
+    p.blue
+        .psql_db("app", "SELECT pg_drop_replication_slot('orphan')");
     p.green.create_user("app2", "app2");
     p.green.psql_db(
         "app",
