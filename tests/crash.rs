@@ -390,18 +390,19 @@ async fn sigkill_at_every_point_of_a_fallback() {
 /// phase; the switch aborts (or, past its last server step, goes through);
 /// the target comes back and pgswitch reconciles on its own. Starts and
 /// ends every case with `from` active.
-async fn crash_target_at_every_phase(
+async fn crash_server_at_every_phase(
     p: &mut Pair,
     proxy: &mut Proxy,
     path: &'static str,
     back: &'static str,
     from: &'static str,
+    crashed: &'static str,
     points: &[&str],
 ) {
     let to = other(from);
     let release = p.dir.path().join("release");
     for point in points {
-        let context = format!("{path}: {to} crashed at {point}");
+        let context = format!("{path}: {crashed} crashed at {point}");
         let _ = std::fs::remove_file(&release);
         proxy.env = stall_env(point);
         proxy.env.push((
@@ -411,7 +412,7 @@ async fn crash_target_at_every_phase(
         proxy.restart();
         let writer = Writer::start(proxy.port);
         let request = held_switch(proxy, path, point).await;
-        target(p, to).kill();
+        target(p, crashed).kill();
         std::fs::write(&release, b"").unwrap();
         let (code, body) = request.await.unwrap();
         let report: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -424,7 +425,7 @@ async fn crash_target_at_every_phase(
             if switched { "switched" } else { "aborted" },
             "{context}: HTTP {code} {report}"
         );
-        restart(p, to).await;
+        restart(p, crashed).await;
         let acked = writer.finish().await;
         let active = if switched { to } else { from };
         check_consistent(p, proxy, active, &acked, &context).await;
@@ -466,12 +467,13 @@ const TARGET_CRASH_POINTS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn target_crash_at_every_phase_of_a_cutover() {
     let (mut p, mut proxy) = setup().await;
-    crash_target_at_every_phase(
+    crash_server_at_every_phase(
         &mut p,
         &mut proxy,
         "/cutover",
         "/fallback",
         "blue",
+        "green",
         TARGET_CRASH_POINTS,
     )
     .await;
@@ -663,12 +665,13 @@ async fn target_crash_at_every_phase_of_a_fallback() {
     must_switch(&proxy, "/cutover").await;
     let mut points = TARGET_CRASH_POINTS.to_vec();
     points.push("cleanup");
-    crash_target_at_every_phase(
+    crash_server_at_every_phase(
         &mut p,
         &mut proxy,
         "/fallback",
         "/cutover",
         "green",
+        "blue",
         &points,
     )
     .await;
@@ -696,4 +699,22 @@ async fn switch_without_a_state_file_is_refused() {
     // A dry run needs none: it changes nothing.
     let (code, report) = switch(&proxy, "/cutover", r#"{"dry_run": true}"#).await;
     assert_eq!(code, 200, "{report}");
+}
+
+/// Blue (the side a cutover leaves) crashes while the cutover is held: it
+/// aborts before persist (blue takes the traffic again once it is back, and
+/// pgswitch finishes the undo by itself), and goes through at persist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_side_crash_during_a_cutover() {
+    let (mut p, mut proxy) = setup().await;
+    crash_server_at_every_phase(
+        &mut p,
+        &mut proxy,
+        "/cutover",
+        "/fallback",
+        "blue",
+        "blue",
+        &["warm", "drain", "catch_up", "switch", "persist"],
+    )
+    .await;
 }
