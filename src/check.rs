@@ -100,6 +100,11 @@ pub enum CheckError {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Names the side a failed query ran on.
+fn on(side: Side) -> impl Fn(ReplicationError) -> CheckError {
+    move |source| CheckError::Query { side, source }
+}
+
 /// Runs every check against both sides.
 pub async fn run(config: &Config) -> Result<Report, CheckError> {
     let (blue, green) = tokio::try_join!(
@@ -111,9 +116,8 @@ pub async fn run(config: &Config) -> Result<Report, CheckError> {
     for (side, c) in [(Side::Blue, &blue), (Side::Green, &green)] {
         server_settings(&mut r, config, side, c)
             .await
-            .map_err(|source| CheckError::Query { side, source })?;
+            .map_err(on(side))?;
     }
-    let on = |side| move |source| CheckError::Query { side, source };
     subscription(&mut r, config, &green)
         .await
         .map_err(on(Side::Green))?;
@@ -517,17 +521,9 @@ async fn schema_drift(r: &mut Findings, blue: &Client, green: &Client) -> Result
         texts(blue, COLUMNS, "columns on blue"),
         texts(green, COLUMNS, "columns on green")
     );
-    let on_blue = on_blue.map_err(|source| CheckError::Query {
-        side: Side::Blue,
-        source,
-    })?;
-    let on_green: std::collections::BTreeSet<String> = on_green
-        .map_err(|source| CheckError::Query {
-            side: Side::Green,
-            source,
-        })?
-        .into_iter()
-        .collect();
+    let on_blue = on_blue.map_err(on(Side::Blue))?;
+    let on_green: std::collections::BTreeSet<String> =
+        on_green.map_err(on(Side::Green))?.into_iter().collect();
     let missing: Vec<String> = on_blue
         .into_iter()
         .filter(|c| !on_green.contains(c))
@@ -561,14 +557,8 @@ async fn sequences(r: &mut Findings, blue: &Client, green: &Client) -> Result<()
             })
             .collect()
     };
-    let b = parse(b.map_err(|source| CheckError::Query {
-        side: Side::Blue,
-        source,
-    })?);
-    let g = parse(g.map_err(|source| CheckError::Query {
-        side: Side::Green,
-        source,
-    })?);
+    let b = parse(b.map_err(on(Side::Blue))?);
+    let g = parse(g.map_err(on(Side::Green))?);
     let mut behind: Vec<String> = b
         .iter()
         .filter(|(name, value)| g.get(*name).is_some_and(|v| v < value))
