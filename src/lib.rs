@@ -29,6 +29,7 @@ pub mod runtime;
 pub mod scram;
 pub mod server;
 pub mod session_params;
+pub mod state;
 pub mod statements;
 pub mod switch;
 pub mod tls;

@@ -192,7 +192,7 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     TlsSetup::load(&config).map_err(|e| e.to_string())?;
     if let Some(state_file) = &config.cutover.state_file {
-        pgswitch::cutover::state::check_writable(state_file).map_err(|e| e.to_string())?;
+        pgswitch::state::check_writable(state_file).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

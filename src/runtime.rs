@@ -15,10 +15,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::admin::{AdminError, AdminState};
 use crate::config::{Config, Side};
 use crate::cutover::recover::RecoverError;
-use crate::cutover::state::{self, StateError};
 use crate::cutover::Controller;
 use crate::data_plane::{DataPlane, LoadError};
 use crate::replication::LagWatch;
+use crate::state::{self, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -92,12 +92,12 @@ async fn check_flags_exactly_the_planted_problems() {
     assert_eq!(
         at(&report, "warn"),
         pairs(&[
+            ("bypassing_sessions", "blue"),
             ("inactive_slots", "blue"),
             ("large_objects", "blue"),
             ("long_transactions", "blue"),
             ("materialized_views", "blue"),
             ("sequences", "green"),
-            ("sessions_on_blue", "blue"),
             ("unlogged_tables", "blue"),
         ]),
         "{report:#}"
@@ -160,4 +160,74 @@ async fn check_flags_exactly_the_planted_problems() {
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(at(&report, "fail").is_empty(), "{report:#}");
     assert!(at(&report, "pass").len() >= 15, "{report:#}");
+}
+
+/// The live direction's health and the target's writes: a session writing on
+/// green outside replication, an apply error (a row written on green first,
+/// then the same key on blue) and a slot keeping more WAL than the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_apply_errors_writes_on_green_and_retained_wal() {
+    let p = pair().await;
+    let config = proxy_config(&p, "", "").replace(
+        "[replication]\n",
+        "[replication]\nmax_slot_retained_bytes = 1\n",
+    );
+    // A write on green outside replication, still open.
+    let writer = p.green.connect("app", "app", "app").await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO acked (id, writer) VALUES (-1, 0)")
+        .await
+        .unwrap();
+    // The same key committed on green, then on blue: the apply fails on it.
+    p.g.batch_execute("INSERT INTO acked (id, writer) VALUES (7, 0)")
+        .await
+        .unwrap();
+    p.b.batch_execute("INSERT INTO acked (id, writer) VALUES (7, 1)")
+        .await
+        .unwrap();
+    let report = wait_for(WAIT, || async {
+        let (_, report) = check(&p, &config);
+        at(&report, "warn")
+            .contains(&("apply_errors".into(), "green".into()))
+            .then_some(report)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no apply error seen: {:#}", check(&p, &config).1));
+    let warned = at(&report, "warn");
+    for expected in [("writes_on_target", "green"), ("slot_retention", "blue")] {
+        assert!(
+            warned.contains(&(expected.0.into(), expected.1.into())),
+            "{expected:?}: {report:#}"
+        );
+    }
+    let text = report.to_string();
+    for named in [
+        "app@127.0.0.1 (writing)",
+        "pgswitch (retains",
+        "1 apply error",
+    ] {
+        assert!(text.contains(named), "{named} not named: {report:#}");
+    }
+
+    // Fixed: the writer gone, the conflicting row removed (the apply goes
+    // on), the error count reset, the limit back to its default.
+    drop(writer);
+    p.g.batch_execute("DELETE FROM acked WHERE id = 7")
+        .await
+        .unwrap();
+    catch_up(&p.b, "pgswitch", &p.g, "pgswitch").await;
+    p.g.batch_execute("SELECT pg_stat_reset_subscription_stats(oid) FROM pg_subscription")
+        .await
+        .unwrap();
+    let config = proxy_config(&p, "", "");
+    let fixed = wait_for(WAIT, || async {
+        let (_, report) = check(&p, &config);
+        let warned = at(&report, "warn");
+        (!warned.iter().any(|(c, _)| {
+            ["apply_errors", "writes_on_target", "slot_retention"].contains(&c.as_str())
+        }))
+        .then_some(())
+    })
+    .await;
+    assert!(fixed.is_some(), "{:#}", check(&p, &config).1);
 }

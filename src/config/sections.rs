@@ -140,6 +140,9 @@ pub struct ReplicationConfig {
     pub slot: Option<String>,
     /// The replicated database (where the publication and subscriptions live).
     pub database: String,
+    /// `pgswitch check` warns about any replication slot (pgswitch's or
+    /// not) that keeps more WAL than this on its server.
+    pub max_slot_retained_bytes: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -148,6 +151,7 @@ impl Default for ReplicationConfig {
             subscription: "pgswitch".into(),
             slot: None,
             database: "postgres".into(),
+            max_slot_retained_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -248,6 +252,11 @@ pub struct CutoverConfig {
     pub sync_sequences: bool,
     pub fence_old: bool,
     pub reverse_replication: bool,
+    /// How long after a switch the old side stays the fallback target:
+    /// `pgswitch decommission` refuses to drop replication before that
+    /// (unless forced).
+    #[serde(with = "humantime_serde")]
+    pub fallback_window: Duration,
 }
 
 impl Default for CutoverConfig {
@@ -262,6 +271,7 @@ impl Default for CutoverConfig {
             sync_sequences: true,
             fence_old: true,
             reverse_replication: true,
+            fallback_window: Duration::from_secs(24 * 3600),
         }
     }
 }

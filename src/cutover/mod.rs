@@ -22,13 +22,11 @@ pub mod fault;
 pub mod recover;
 pub mod report;
 mod run;
-pub mod state;
+use crate::state;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
-
-use tokio_postgres::Client;
 
 use crate::config::{Config, Side};
 use crate::data_plane::DataPlane;
@@ -104,30 +102,7 @@ pub struct Controller {
     unreconciled: Mutex<Option<String>>,
 }
 
-/// An admin connection to one side, as configured.
-pub(crate) async fn connect_side(
-    config: &Config,
-    side: Side,
-    timeout: Duration,
-) -> Result<Client, String> {
-    let backend = config
-        .backends
-        .get(side)
-        .ok_or_else(|| format!("[backends.{side}] is not configured"))?;
-    let (user, password) = backend
-        .admin_credentials()
-        .ok_or_else(|| format!("backends.{side}.admin_user is not configured"))?;
-    replication::connect(
-        &backend.host,
-        backend.port,
-        &user,
-        &password,
-        &config.replication.database,
-        timeout,
-    )
-    .await
-    .map_err(|e| format!("{side} does not answer: {e}"))
-}
+pub(crate) use crate::replication::connect_side;
 
 /// Whether pgswitch can reach both sides as an admin: the precondition of
 /// any switch, and of reconciling the servers at start.

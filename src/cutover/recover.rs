@@ -30,9 +30,9 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::state::PersistedState;
 use crate::config::{Config, Side};
 use crate::replication::{self, ReplicationError, ReverseNames};
+use crate::state::PersistedState;
 
 /// What a reconcile changed, in order, for logs and reports.
 pub type Changes = Vec<String>;

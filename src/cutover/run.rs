@@ -7,11 +7,11 @@ use tokio_postgres::Client;
 
 use super::recover::{self, Changes, Sides};
 use super::report::Outcome;
-use super::state::{self, Intent, PersistedState};
 use super::{fault, Controller, CutoverError, Direction, Report, OLD_SIDE_GRACE};
 use crate::config::{Config, DrainAction, Side};
 use crate::data_plane::DataPlane;
 use crate::replication::{self, Lsn, ReverseNames};
+use crate::state::{self, Intent, PersistedState};
 use crate::switch::Holder;
 
 /// How long a preflight waits for the apply worker of a subscription that

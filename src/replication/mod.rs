@@ -211,3 +211,28 @@ fn first_lsn(
         })?
         .parse()
 }
+
+/// An admin connection to one side, as configured.
+pub async fn connect_side(
+    config: &crate::config::Config,
+    side: crate::config::Side,
+    timeout: Duration,
+) -> Result<Client, String> {
+    let backend = config
+        .backends
+        .get(side)
+        .ok_or_else(|| format!("[backends.{side}] is not configured"))?;
+    let (user, password) = backend
+        .admin_credentials()
+        .ok_or_else(|| format!("backends.{side}.admin_user is not configured"))?;
+    connect(
+        &backend.host,
+        backend.port,
+        &user,
+        &password,
+        &config.replication.database,
+        timeout,
+    )
+    .await
+    .map_err(|e| format!("{side} does not answer: {e}"))
+}
