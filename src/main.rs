@@ -87,6 +87,10 @@ struct SwitchArgs {
     /// Overrides [cutover] timeout, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Go ahead although this preflight check failed (the name `pgswitch
+    /// check` shows, e.g. replica_identity); repeat for several.
+    #[arg(long, value_name = "CHECK")]
+    force: Vec<String>,
 }
 
 /// The single-threaded runtime a command (not `run`) works in; `None`
@@ -144,7 +148,8 @@ fn admin_call(
 }
 
 fn switch_body(args: &SwitchArgs) -> String {
-    serde_json::json!({"dry_run": args.dry_run, "timeout_ms": args.timeout_ms}).to_string()
+    serde_json::json!({"dry_run": args.dry_run, "timeout_ms": args.timeout_ms, "force": args.force})
+        .to_string()
 }
 
 /// Makes memory freed after a long message go back to the system.

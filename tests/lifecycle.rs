@@ -231,3 +231,53 @@ async fn check_reports_apply_errors_writes_on_green_and_retained_wal() {
     .await;
     assert!(fixed.is_some(), "{:#}", check(&p, &config).1);
 }
+
+/// A cutover runs the checks in its preflight: a failed one refuses it,
+/// naming the check and its object; `--force <check>` goes ahead and the
+/// report says what was forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_refuses_on_a_failed_check_unless_forced() {
+    let p = pair().await;
+    for c in [&p.b, &p.g] {
+        c.batch_execute("CREATE TABLE no_key (a int)").await.unwrap();
+    }
+    p.g.batch_execute("ALTER SUBSCRIPTION pgswitch REFRESH PUBLICATION")
+        .await
+        .unwrap();
+    wait_streaming(&p.g, "pgswitch").await;
+    let proxy = Proxy::start(&proxy_config(&p, "", ""));
+    let cli = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+            .args(["cutover", "--json", "--admin"])
+            .arg(format!("http://127.0.0.1:{}", proxy.admin_port))
+            .args(["--token", TOKEN])
+            .args(extra)
+            .env_remove("PGSWITCH_ADMIN")
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), report)
+    };
+    let (ok, report) = cli(&[]);
+    assert!(!ok, "{report:#}");
+    assert_eq!(report["outcome"], "refused", "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("check replica_identity failed")
+            && reason.contains("public.no_key")
+            && reason.contains("--force replica_identity"),
+        "{reason}"
+    );
+    assert_eq!(status(&proxy).await["active"], "blue");
+
+    let (ok, report) = cli(&["--force", "replica_identity"]);
+    assert!(ok, "{report:#}");
+    assert_eq!(report["outcome"], "switched", "{report:#}");
+    let forced = report["forced"].as_array().unwrap();
+    assert!(
+        forced.len() == 1 && forced[0].as_str().unwrap().starts_with("replica_identity: "),
+        "{report:#}"
+    );
+    assert_eq!(status(&proxy).await["active"], "green");
+}

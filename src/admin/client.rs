@@ -99,7 +99,12 @@ pub fn render(value: &serde_json::Value) -> String {
                 ));
             }
         }
-        for (key, label) in [("undone", "undone"), ("undo_failures", "undo failed")] {
+        for (key, label) in [
+            ("forced", "forced"),
+            ("warnings", "check warned"),
+            ("undone", "undone"),
+            ("undo_failures", "undo failed"),
+        ] {
             for item in value
                 .get(key)
                 .and_then(|v| v.as_array())

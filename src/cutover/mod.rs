@@ -69,6 +69,10 @@ pub struct Options {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub dry_run: bool,
+    /// Failed preflight checks (by name, as `pgswitch check` shows them)
+    /// to go ahead despite.
+    #[serde(default)]
+    pub force: Vec<String>,
 }
 
 /// Why a switch stopped; the message goes into the report.
@@ -366,6 +370,7 @@ impl Controller {
             .map(Duration::from_millis)
             .unwrap_or(config.cutover.timeout);
         let mut run = Run::new(data, self, &config, direction, timeout, &mut report);
+        run.force = options.force;
         let result = run.execute(options.dry_run).await;
         let outcome = match result {
             Ok(outcome) => (outcome, None),

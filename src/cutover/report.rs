@@ -57,6 +57,12 @@ pub struct Report {
     /// Where the other direction of replication starts.
     pub switch_lsn: Option<String>,
     pub sequences_synced: usize,
+    /// Failed preflight checks the operator forced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forced: Vec<String>,
+    /// Preflight checks that warned (name: detail).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// What an abort undid on the servers, and the objects a switch dropped
     /// afterwards (the idle direction after a fallback).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -86,6 +92,8 @@ impl Report {
             target_lsn: None,
             switch_lsn: None,
             sequences_synced: 0,
+            forced: Vec::new(),
+            warnings: Vec::new(),
             undone: Vec::new(),
             undo_failures: Vec::new(),
         }

@@ -45,6 +45,8 @@ pub(super) struct Run<'a> {
     rolled_back: bool,
     paused_at: Option<Instant>,
     conns: Option<Conns>,
+    /// Failed checks the operator allows (`--force`).
+    pub(super) force: Vec<String>,
 }
 
 /// Runs one phase of a switch under the cutover's deadline, shows it as the
@@ -110,6 +112,7 @@ impl<'a> Run<'a> {
             rolled_back: false,
             paused_at: None,
             conns: None,
+            force: Vec::new(),
         }
     }
 
@@ -231,6 +234,9 @@ impl<'a> Run<'a> {
         }
         let conns = phase!(self, "preflight", self.preflight(&stream));
         self.conns = Some(conns);
+        let (forced, warnings) = phase!(self, "checks", self.checks(&stream));
+        self.report.forced = forced;
+        self.report.warnings = warnings;
         self.report.lag_bytes = self.preflight_lag(&stream).await.ok();
 
         // The intent, durably, before anything changes on either server.
@@ -503,6 +509,43 @@ impl<'a> Run<'a> {
             )));
         }
         Ok(Conns { from, to, fence })
+    }
+
+    /// `pgswitch check` on the direction about to go live: a failed check
+    /// refuses the switch unless it is forced; (forced, warnings).
+    async fn checks(&self, stream: &Stream<'_>) -> Result<(Vec<String>, Vec<String>), CutoverError> {
+        let conns = self.conns()?;
+        let target = crate::check::Target {
+            from: self.direction.from(),
+            to: self.direction.to(),
+            subscription: stream.subscription.to_owned(),
+            slot: stream.slot.to_owned(),
+        };
+        let report = crate::check::run_on(self.config, &target, &conns.from, &conns.to)
+            .await
+            .map_err(|e| CutoverError::Refused(format!("preflight checks: {e}")))?;
+        let mut forced = Vec::new();
+        for failed in report.failed() {
+            if !self.force.iter().any(|f| f == failed.check) {
+                let fix = failed
+                    .fix
+                    .as_deref()
+                    .map(|fix| format!(" (fix: {fix})"))
+                    .unwrap_or_default();
+                return Err(CutoverError::Refused(format!(
+                    "check {} failed: {}{fix}; `--force {}` goes ahead anyway",
+                    failed.check, failed.detail, failed.check
+                )));
+            }
+            forced.push(format!("{}: {}", failed.check, failed.detail));
+        }
+        let warnings = report
+            .findings
+            .iter()
+            .filter(|f| f.level == crate::check::Level::Warn)
+            .map(|f| format!("{}: {}", f.check, f.detail))
+            .collect();
+        Ok((forced, warnings))
     }
 
     async fn preflight_lag(&self, stream: &Stream<'_>) -> Result<u64, CutoverError> {
