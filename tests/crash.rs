@@ -523,12 +523,13 @@ async fn fallback_100ms_after_a_cutover() {
 
 /// A cutover that fails while preparing the reverse direction (green
 /// without `wal_level = logical` cannot create its slot) drops the
-/// publication it created; blue stays active and writable.
+/// publication it created; blue stays active and writable. (The preflight's
+/// wal_level check would refuse it first: forced, to reach the prepare.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_while_preparing_leaves_nothing() {
     let p = pair_with(vec!["wal_level = replica".into()]).await;
     let proxy = Proxy::start(&proxy_config(&p, "", ""));
-    let (code, report) = switch(&proxy, "/cutover", "").await;
+    let (code, report) = switch(&proxy, "/cutover", r#"{"force": ["wal_level"]}"#).await;
     assert_eq!(code, 409, "{report}");
     assert_eq!(report["outcome"], "aborted", "{report}");
     assert!(
