@@ -42,6 +42,16 @@ enum Command {
     Pause(AdminArgs),
     /// Release held transactions.
     Resume(AdminArgs),
+    /// After the fallback window: drop the replication between blue and
+    /// green (subscriptions, slots, publications, origins) and lift
+    /// pgswitch's fences, through the running pgswitch.
+    Decommission {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Go ahead while the old side is still the fallback target.
+        #[arg(long)]
+        force: bool,
+    },
     /// Is the pair ready for a cutover? Checks both servers (read-only);
     /// exits non-zero when a check fails.
     Check {
@@ -302,6 +312,12 @@ fn main() -> ExitCode {
             hyper::Method::POST,
             "/fallback",
             Some(switch_body(&args)),
+        ),
+        Command::Decommission { admin, force } => admin_call(
+            &admin,
+            hyper::Method::POST,
+            "/decommission",
+            Some(serde_json::json!({ "force": force }).to_string()),
         ),
         Command::Recover { config, active } => recover(&config, active.as_deref()),
         Command::Check { config, json } => check(&config, json),

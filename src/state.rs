@@ -24,6 +24,14 @@ pub struct PersistedState {
     /// the servers are brought back to `active` (see `cutover::recover`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
+    /// Unix time in milliseconds of the last committed switch: the fallback
+    /// window (`pgswitch decommission`) counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at_ms: Option<u64>,
+    /// When `pgswitch decommission` dropped the replication between the
+    /// sides; a later switch (after a new `prepare`) clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decommissioned_at_ms: Option<u64>,
 }
 
 /// A switch in progress, recorded before it changes anything. Which side it
@@ -46,6 +54,8 @@ impl PersistedState {
             active,
             fences: BTreeMap::new(),
             intent: None,
+            switched_at_ms: None,
+            decommissioned_at_ms: None,
         }
     }
 }

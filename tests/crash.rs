@@ -719,3 +719,35 @@ async fn old_side_crash_during_a_cutover() {
     )
     .await;
 }
+
+/// pgswitch killed in the middle of a decommission (after dropping the
+/// replication, before lifting the fences; before writing the state file)
+/// starts again on green (the reconcile tolerates the missing
+/// subscriptions and puts back the fence the state file still lists), and
+/// a re-run finishes: nothing left on either server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_the_middle_of_a_decommission() {
+    for point in ["decommission_dropped", "decommission_store"] {
+        let p = pair().await;
+        let mut proxy = Proxy::start(&proxy_config(&p, "fallback_window = \"0s\"", ""));
+        must_switch(&proxy, "/cutover").await;
+        proxy.env = stall_env(point);
+        proxy.restart();
+        let request = held_switch(&proxy, "/decommission", point).await;
+        proxy.kill();
+        let _ = request.await;
+        proxy.env.clear();
+        proxy.restart();
+        let c = connect(&proxy, "app").await.unwrap();
+        assert_eq!(server_port(&c).await, i32::from(p.green.port), "{point}");
+        let (code, report) = switch(&proxy, "/decommission", "").await;
+        assert_eq!(code, 200, "{point}: {report}");
+        assert_eq!(
+            p.replication_leftovers().await,
+            Vec::<String>::new(),
+            "{point}: {report}"
+        );
+        let st = status(&proxy).await;
+        assert!(st["unreconciled"].is_null(), "{point}: {st}");
+    }
+}

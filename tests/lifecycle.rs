@@ -239,7 +239,9 @@ async fn check_reports_apply_errors_writes_on_green_and_retained_wal() {
 async fn cutover_refuses_on_a_failed_check_unless_forced() {
     let p = pair().await;
     for c in [&p.b, &p.g] {
-        c.batch_execute("CREATE TABLE no_key (a int)").await.unwrap();
+        c.batch_execute("CREATE TABLE no_key (a int)")
+            .await
+            .unwrap();
     }
     p.g.batch_execute("ALTER SUBSCRIPTION pgswitch REFRESH PUBLICATION")
         .await
@@ -276,8 +278,95 @@ async fn cutover_refuses_on_a_failed_check_unless_forced() {
     assert_eq!(report["outcome"], "switched", "{report:#}");
     let forced = report["forced"].as_array().unwrap();
     assert!(
-        forced.len() == 1 && forced[0].as_str().unwrap().starts_with("replica_identity: "),
+        forced.len() == 1
+            && forced[0]
+                .as_str()
+                .unwrap()
+                .starts_with("replica_identity: "),
         "{report:#}"
     );
     assert_eq!(status(&proxy).await["active"], "green");
+}
+
+/// Runs `pgswitch decommission [extra]` against `proxy`: (exit ok, report).
+fn decommission(proxy: &Proxy, extra: &[&str]) -> (bool, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["decommission", "--json", "--admin"])
+        .arg(format!("http://127.0.0.1:{}", proxy.admin_port))
+        .args(["--token", TOKEN])
+        .args(extra)
+        .env_remove("PGSWITCH_ADMIN")
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.success(), report)
+}
+
+/// `decommission` refuses before any cutover and inside the fallback
+/// window; forced, it leaves no slot, publication, subscription, origin or
+/// fence on either server, pgswitch keeps serving on green (also after a
+/// restart), and a re-run is harmless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommission_leaves_nothing_behind() {
+    let p = pair().await;
+    let mut proxy = Proxy::start(&proxy_config(&p, "", ""));
+    let (ok, report) = decommission(&proxy, &[]);
+    assert!(!ok, "{report:#}");
+    assert_eq!(report["outcome"], "refused", "{report:#}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no switch has happened"),
+        "{report:#}"
+    );
+
+    let (code, report) = switch(&proxy, "/cutover", "").await;
+    assert_eq!(code, 200, "{report}");
+    assert!(!p.replication_leftovers().await.is_empty());
+    let (ok, report) = decommission(&proxy, &[]);
+    assert!(!ok, "{report:#}");
+    let reason = report["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("blue is the fallback target for") && reason.contains("--force"),
+        "{reason}"
+    );
+
+    let (ok, report) = decommission(&proxy, &["--force"]);
+    assert!(ok, "{report:#}");
+    assert_eq!(report["outcome"], "done", "{report:#}");
+    assert_eq!(report["forced"], true, "{report:#}");
+    let dropped = report["dropped"].to_string();
+    for object in [
+        "green: subscription \\\"pgswitch\\\"",
+        "blue: slot \\\"pgswitch\\\"",
+        "blue: publication \\\"pgswitch\\\"",
+        "blue: subscription \\\"pgswitch_reverse\\\"",
+        "green: slot \\\"pgswitch_reverse\\\"",
+    ] {
+        assert!(dropped.contains(object), "{object} not dropped: {report:#}");
+    }
+    assert!(
+        report["lifted"].to_string().contains("blue: app"),
+        "{report:#}"
+    );
+    assert_eq!(p.replication_leftovers().await, Vec::<String>::new());
+    // The old side is writable again for its roles; traffic stays on green.
+    let app = p.blue.connect("app", "app", "app").await;
+    app.batch_execute("INSERT INTO acked (id, writer) VALUES (-5, 0)")
+        .await
+        .unwrap();
+    let c = connect(&proxy, "app").await.unwrap();
+    assert_eq!(server_port(&c).await, i32::from(p.green.port));
+    assert!(status(&proxy).await["decommissioned_at_ms"].is_u64());
+
+    // Harmless again, and after a restart.
+    let (ok, report) = decommission(&proxy, &[]);
+    assert!(ok, "{report:#}");
+    assert_eq!(report["dropped"], serde_json::json!([]), "{report:#}");
+    proxy.restart();
+    let c = connect(&proxy, "app").await.unwrap();
+    assert_eq!(server_port(&c).await, i32::from(p.green.port));
+    assert_eq!(p.replication_leftovers().await, Vec::<String>::new());
 }

@@ -654,9 +654,9 @@ async fn reverse_replication_and_restore_forward() {
     );
 
     // Drop the idle reverse direction: everything prepare created is gone.
-    let dropped = repl::drop_reverse(&p.g, &p.b, &names).await.unwrap();
+    let dropped = repl::drop_direction(&p.g, &p.b, &names).await.unwrap();
     assert_eq!(dropped.len(), 3, "{dropped:?}");
-    assert!(repl::drop_reverse(&p.g, &p.b, &names)
+    assert!(repl::drop_direction(&p.g, &p.b, &names)
         .await
         .unwrap()
         .is_empty());

@@ -64,6 +64,32 @@ pub async fn call(
 /// A report or status, readable by a person at 3 a.m.
 pub fn render(value: &serde_json::Value) -> String {
     let mut out = String::new();
+    if value.get("kind").and_then(|v| v.as_str()) == Some("decommission") {
+        let outcome = value.get("outcome").and_then(|v| v.as_str()).unwrap_or("?");
+        out.push_str(&format!("decommission: {}\n", outcome.to_uppercase()));
+        if let Some(reason) = value.get("reason").and_then(|v| v.as_str()) {
+            out.push_str(&format!("  reason:    {reason}\n"));
+        }
+        for (key, label) in [
+            ("dropped", "dropped"),
+            ("lifted", "unfenced"),
+            ("remaining", "remaining"),
+        ] {
+            for item in value
+                .get(key)
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+            {
+                out.push_str(&format!(
+                    "  {:<10} {}\n",
+                    format!("{label}:"),
+                    item.as_str().unwrap_or("?")
+                ));
+            }
+        }
+        return out;
+    }
     if let Some(outcome) = value.get("outcome").and_then(|v| v.as_str()) {
         let kind = value
             .get("kind")

@@ -185,13 +185,25 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
                 Direction::Fallback
             };
             let read_timeout = app.data.config().admin.request_read_timeout;
-            let options = match read_options(req, read_timeout).await {
+            let options = match read_json::<Options>(req, read_timeout).await {
                 Ok(options) => options,
                 Err(message) => {
                     return json_response(StatusCode::BAD_REQUEST, &json!({"error": message}))
                 }
             };
             let report = app.cutover.run(&app.data, direction, options).await;
+            let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::CONFLICT);
+            json_response(status, &serde_json::to_value(&report).unwrap_or_default())
+        }
+        (&Method::POST, "/decommission") => {
+            let read_timeout = app.data.config().admin.request_read_timeout;
+            let force = match read_json::<DecommissionOptions>(req, read_timeout).await {
+                Ok(options) => options.force,
+                Err(message) => {
+                    return json_response(StatusCode::BAD_REQUEST, &json!({"error": message}))
+                }
+            };
+            let report = app.cutover.decommission(&app.data, force).await;
             let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::CONFLICT);
             json_response(status, &serde_json::to_value(&report).unwrap_or_default())
         }
@@ -239,8 +251,20 @@ fn ready(data: &DataPlane) -> Response<Full<Bytes>> {
     )
 }
 
-/// The optional JSON body of /cutover and /fallback, sent within `timeout`.
-async fn read_options(req: Request<Incoming>, timeout: Duration) -> Result<Options, String> {
+/// The optional JSON body of /decommission.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecommissionOptions {
+    #[serde(default)]
+    force: bool,
+}
+
+/// The optional JSON body of /cutover, /fallback and /decommission, sent
+/// within `timeout`; empty is the defaults.
+async fn read_json<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Result<T, String> {
     let body = http_body_util::Limited::new(req.into_body(), MAX_BODY);
     let body = tokio::time::timeout(timeout, body.collect())
         .await
@@ -248,7 +272,7 @@ async fn read_options(req: Request<Incoming>, timeout: Duration) -> Result<Optio
         .map_err(|e| format!("reading the body: {e}"))?
         .to_bytes();
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Options::default());
+        return Ok(T::default());
     }
     serde_json::from_slice(&body).map_err(|e| format!("invalid JSON body: {e}"))
 }

@@ -77,12 +77,15 @@ pub fn status(app: &AdminState) -> serde_json::Value {
         })
         .collect();
     let gate = &data.switch.gate;
+    let state = app.cutover.persisted();
     serde_json::json!({
         "active": data.switch.active().side.as_str(),
         "paused": gate.is_closed(),
         "paused_by": gate.holders().iter().map(|h| h.as_str()).collect::<Vec<_>>(),
         "phase": app.cutover.phase(),
-        "unfinished_switch": app.cutover.persisted().intent,
+        "unfinished_switch": state.intent,
+        "last_switch_at_ms": state.switched_at_ms,
+        "decommissioned_at_ms": state.decommissioned_at_ms,
         "unreconciled": app.cutover.unreconciled(),
         "replication_lag": app.lag.get(),
         "backends": backends(data),

@@ -138,6 +138,8 @@ pub struct ReplicationConfig {
     pub subscription: String,
     /// Its slot on blue; defaults to the subscription's name.
     pub slot: Option<String>,
+    /// The publication on blue that the subscription reads.
+    pub publication: String,
     /// The replicated database (where the publication and subscriptions live).
     pub database: String,
     /// `pgswitch check` warns about any replication slot (pgswitch's or
@@ -150,6 +152,7 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             subscription: "pgswitch".into(),
             slot: None,
+            publication: "pgswitch".into(),
             database: "postgres".into(),
             max_slot_retained_bytes: 1024 * 1024 * 1024,
         }

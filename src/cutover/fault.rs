@@ -3,7 +3,8 @@
 //!
 //! `PGSWITCH_TEST_STALL_AT=<point>` makes a switch wait when it reaches
 //! `<point>` (a phase name as `/status` shows it, or one of the points the
-//! switch names between phases: `switch`, `switched`, `cleanup`) until the
+//! switch names between phases: `switch`, `switched`, `cleanup`; and
+//! `decommission_dropped`, `decommission_store`) until the
 //! file named by `PGSWITCH_TEST_STALL_RELEASE` exists (for ever without
 //! one). Unset, a point costs one comparison. Never set it in production.
 

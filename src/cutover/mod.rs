@@ -18,6 +18,7 @@
 //! checks that the servers match the state file, and refuses to serve when
 //! they contradict it.
 
+pub mod decommission;
 pub mod fault;
 pub mod recover;
 pub mod report;
@@ -312,7 +313,11 @@ impl Controller {
                 continue;
             }
             since_advance = since_advance.saturating_add(RETRY_INTERVAL);
-            if self.persisted().active == Side::Green && since_advance >= ADVANCE_INTERVAL {
+            let state = self.persisted();
+            if state.active == Side::Green
+                && state.decommissioned_at_ms.is_none()
+                && since_advance >= ADVANCE_INTERVAL
+            {
                 since_advance = Duration::ZERO;
                 if let Ok(blue) = connect_side(&config, Side::Blue, RECONCILE_CONNECT_TIMEOUT).await
                 {

@@ -151,7 +151,7 @@ pub async fn clean_up(active: Side, sides: &Sides<'_>) -> Result<Changes, Recove
         return Ok(Changes::new());
     }
     let names = ReverseNames::new("");
-    replication::drop_reverse(sides.green, sides.blue, &names)
+    replication::drop_direction(sides.green, sides.blue, &names)
         .await
         .map_err(|e| RecoverError::Side {
             side: Side::Green,

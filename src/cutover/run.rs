@@ -311,6 +311,8 @@ impl<'a> Run<'a> {
         let mut next = self.controller.persisted();
         next.active = to;
         next.intent = None;
+        next.switched_at_ms = Some(self.report.started_at_unix_ms);
+        next.decommissioned_at_ms = None;
         next.fences.remove(to.as_str());
         let roles = self.config.application_roles();
         let fence_plan = if self.config.cutover.fence_old && !roles.is_empty() && !dry_run {
@@ -513,7 +515,10 @@ impl<'a> Run<'a> {
 
     /// `pgswitch check` on the direction about to go live: a failed check
     /// refuses the switch unless it is forced; (forced, warnings).
-    async fn checks(&self, stream: &Stream<'_>) -> Result<(Vec<String>, Vec<String>), CutoverError> {
+    async fn checks(
+        &self,
+        stream: &Stream<'_>,
+    ) -> Result<(Vec<String>, Vec<String>), CutoverError> {
         let conns = self.conns()?;
         let target = crate::check::Target {
             from: self.direction.from(),

@@ -62,7 +62,7 @@ impl ReverseNames {
     }
 }
 
-/// What [`prepare_reverse`] did (for the report; [`drop_reverse`] undoes it).
+/// What [`prepare_reverse`] did (for the report; [`drop_direction`] undoes it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Prepared {
     pub created_publication: bool,
@@ -432,13 +432,14 @@ pub async fn advance_unused_slot(
     }
 }
 
-/// Drops the reverse direction's objects that exist (all pgswitch's, by
-/// name) and returns what it dropped: the subscription on the old side,
-/// detached from its slot first so that the drop doesn't need the new
-/// side, then the slot and the publication on the new side. For aborts (it
-/// undoes [`prepare_reverse`], also a partial one) and for the idle
-/// direction after a fallback, whose slot would otherwise retain WAL.
-pub async fn drop_reverse(
+/// Drops a direction's objects that exist (all pgswitch's, by name) and
+/// returns what it dropped: the subscription on `old_side` (the
+/// subscriber), detached from its slot first so that the drop doesn't need
+/// the publisher, then the slot and the publication on `new_side` (the
+/// publisher). For aborts (it undoes [`prepare_reverse`], also a partial
+/// one), for the idle direction after a fallback, whose slot would
+/// otherwise retain WAL, and for `pgswitch decommission` (both directions).
+pub async fn drop_direction(
     new_side: &Client,
     old_side: &Client,
     names: &ReverseNames,
@@ -496,4 +497,43 @@ pub async fn drop_reverse(
         dropped.push(format!("publication {:?}", names.publication));
     }
     Ok(dropped)
+}
+
+/// Drops replication origins named like a subscription's (`pg_<oid>`) whose
+/// subscription is gone (`pg_subscription` is shared by all databases), and
+/// returns their names. A subscription's own drop removes its origin; this
+/// catches one left by a drop that failed halfway.
+pub async fn drop_orphaned_origins(c: &Client) -> Result<Vec<String>, ReplicationError> {
+    let step = "drop orphaned replication origins";
+    let rows = c
+        .query(
+            "SELECT roname, pg_catalog.pg_replication_origin_drop(roname)::text \
+               FROM pg_catalog.pg_replication_origin \
+              WHERE roname ~ '^pg_[0-9]+$' \
+                AND substr(roname, 4)::oid NOT IN (SELECT oid FROM pg_catalog.pg_subscription)",
+            &[],
+        )
+        .await
+        .step(step)?;
+    rows.iter().map(|r| r.try_get(0).step(step)).collect()
+}
+
+/// The replication slots among `names`, and the table sync slots of any
+/// subscription (`pg_<oid>_sync_<relid>_<sysid>`) whose subscription is
+/// gone, that exist on `c`.
+pub async fn slots_left(c: &Client, names: &[&str]) -> Result<Vec<String>, ReplicationError> {
+    let step = "list replication slots";
+    let rows = c
+        .query(
+            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots \
+              WHERE slot_name = ANY($1) \
+                 OR (slot_name ~ '^pg_[0-9]+_sync_' \
+                     AND split_part(slot_name, '_', 2)::oid \
+                         NOT IN (SELECT oid FROM pg_catalog.pg_subscription)) \
+              ORDER BY 1",
+            &[&names],
+        )
+        .await
+        .step(step)?;
+    rows.iter().map(|r| r.try_get(0).step(step)).collect()
 }

@@ -12,9 +12,9 @@
 //!   [`switch_direction`] (forward off, reverse on, from one switch point),
 //!   [`fence`];
 //! * aborts and restarts (`cutover::recover`): [`stop_subscription`],
-//!   [`start_subscription`], [`pgswitch_fence`] and [`unfence`], [`drop_reverse`];
+//!   [`start_subscription`], [`pgswitch_fence`] and [`unfence`], [`drop_direction`];
 //! * after a fallback: [`switch_direction`] back (reverse off, forward on),
-//!   then [`drop_reverse`]; while green is active, [`advance_unused_slot`];
+//!   then [`drop_direction`]; while green is active, [`advance_unused_slot`];
 //! * all the time: [`watch_lag`], the lag a cutover would wait for.
 //!
 //! Every function takes `&tokio_postgres::Client` connected as a superuser
@@ -33,8 +33,8 @@ pub use catchup::{
     flush_and_mark, replication_lag, subscription_status, wait_applied, Lag, SubscriptionStatus,
 };
 pub use direction::{
-    advance_unused_slot, drop_reverse, prepare_reverse, start_subscription, stop_subscription,
-    switch_direction, Prepared, ReverseNames, SwitchPoint,
+    advance_unused_slot, drop_direction, drop_orphaned_origins, prepare_reverse, slots_left,
+    start_subscription, stop_subscription, switch_direction, Prepared, ReverseNames, SwitchPoint,
 };
 pub use fence::{apply_fence, fence, pgswitch_fence, plan_fence, unfence, Fence, RoleFence};
 pub use lsn::Lsn;

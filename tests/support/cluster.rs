@@ -286,6 +286,28 @@ impl Pair {
         n
     }
 
+    /// Every replication object and fence on either server, as `side: what`
+    /// (empty after `pgswitch decommission`).
+    pub async fn replication_leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for (side, c) in [("blue", &self.b), ("green", &self.g)] {
+            for sql in [
+                "SELECT 'slot ' || slot_name FROM pg_replication_slots",
+                "SELECT 'publication ' || pubname FROM pg_publication",
+                "SELECT 'subscription ' || subname FROM pg_subscription",
+                "SELECT 'origin ' || roname FROM pg_replication_origin",
+                "SELECT 'fence ' || r.rolname FROM pg_db_role_setting s \
+                   JOIN pg_roles r ON r.oid = s.setrole \
+                  WHERE array_to_string(s.setconfig, ',') LIKE '%pgswitch.%'",
+            ] {
+                for row in c.query(sql, &[]).await.unwrap() {
+                    found.push(format!("{side}: {}", row.get::<_, String>(0)));
+                }
+            }
+        }
+        found
+    }
+
     /// Where the proxies in front of this pair keep their state file.
     pub fn state_file(&self) -> std::path::PathBuf {
         self.dir.path().join("state.json")
