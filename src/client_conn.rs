@@ -38,8 +38,7 @@ macro_rules! user_facing {
 user_facing!(
     crate::pool::PoolError,
     crate::server::ServerError,
-    crate::server::HiddenQueryError,
-    crate::auth::query::AuthQueryError
+    crate::server::HiddenQueryError
 );
 
 impl ClientError {

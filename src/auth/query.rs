@@ -226,6 +226,14 @@ fn secret_column(body: &[u8]) -> Result<Option<String>, AuthQueryError> {
     Err(AuthQueryError::MalformedRow)
 }
 
+// Here rather than beside the other user-facing errors in `client_conn`,
+// which `auth` depends on: no import cycle.
+impl From<AuthQueryError> for crate::client_conn::ClientError {
+    fn from(e: AuthQueryError) -> Self {
+        crate::client_conn::ClientError::Pg(e.to_pg_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
