@@ -75,15 +75,21 @@ async fn slot_and_lag(
         }
         Err(e) => return Err(e),
     };
+    // Not read for a moment is normal (the apply worker reconnects after a
+    // server restart); the subscription's own state and the lag are what
+    // fail a switch.
     let (level, detail) = if lag.streaming {
         (Level::Pass, format!("slot {:?} is read", t.slot))
     } else {
         (
-            Level::Fail,
+            Level::Warn,
             format!("slot {:?} is not read by a walsender", t.slot),
         )
     };
     r.add("slot", Some(t.from), level, detail);
+    if level == Level::Warn {
+        r.fix("if it lasts, read the subscriber's log: its apply worker cannot connect");
+    }
     let max = config.cutover.max_lag_bytes_to_start;
     let level = if lag.bytes > max {
         Level::Fail
