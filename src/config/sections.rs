@@ -140,6 +140,15 @@ pub struct ReplicationConfig {
     pub slot: Option<String>,
     /// The replicated database (where the publication and subscriptions live).
     pub database: String,
+    /// The forward publication on blue (`FOR ALL TABLES`), which
+    /// `pgswitch prepare` creates and the subscription reads.
+    pub publication: String,
+    /// Whether the connection string of a subscription pgswitch creates
+    /// (the forward one by `prepare`, the reverse one by a cutover) holds
+    /// the admin password. `false` keeps it out of `pg_subscription` (and
+    /// of every dump of it): the subscriber server's OS user must then find
+    /// it in its password file (`~/.pgpass`) or authenticate by certificate.
+    pub password_in_catalog: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -148,6 +157,8 @@ impl Default for ReplicationConfig {
             subscription: "pgswitch".into(),
             slot: None,
             database: "postgres".into(),
+            publication: "pgswitch".into(),
+            password_in_catalog: true,
         }
     }
 }
