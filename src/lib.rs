@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod prepare;
 pub mod protocol;
 pub mod reachability;
 pub mod replication;

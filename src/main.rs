@@ -61,6 +61,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Build green from blue: roles, schema, publication and subscription,
+    /// then follow the initial copy to its end. Safe to re-run; exits
+    /// non-zero when something is wrong.
+    Prepare {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Print the report as JSON (progress goes to stderr as JSON lines).
+        #[arg(long)]
+        json: bool,
+        /// A folder searched first for pg_dump, pg_dumpall and psql.
+        #[arg(long)]
+        pg_bin: Option<PathBuf>,
+        /// Stop following the initial copy after this long (e.g. "30m");
+        /// the copy goes on in the servers, a re-run follows it.
+        #[arg(long)]
+        timeout: Option<humantime::Duration>,
+        /// Set REPLICA IDENTITY FULL on blue's tables that have neither a
+        /// primary key nor a replica identity, instead of refusing.
+        #[arg(long)]
+        replica_identity_full: bool,
+    },
     /// With pgswitch stopped: bring both servers to the state file's answer
     /// (undo a switch a crash interrupted), or make --active the active side.
     Recover {
@@ -247,6 +268,40 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
+/// `pgswitch prepare`: the report, and exit 1 when something failed.
+fn prepare(path: &std::path::Path, json: bool, options: pgswitch::prepare::Options) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgswitch: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let mut display = pgswitch::prepare::Display::new(json);
+    let report = runtime.block_on(pgswitch::prepare::run(&config, &options, &mut display));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        if json {
+            if let Some(e) = &report.error {
+                eprintln!("pgswitch: {e}");
+            }
+        }
+        ExitCode::FAILURE
+    }
+}
+
 /// `pgswitch recover`: one reconcile against both servers, offline.
 fn recover(path: &std::path::Path, active: Option<&str>) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
@@ -321,6 +376,21 @@ fn main() -> ExitCode {
         ),
         Command::Recover { config, active } => recover(&config, active.as_deref()),
         Command::Check { config, json } => check(&config, json),
+        Command::Prepare {
+            config,
+            json,
+            pg_bin,
+            timeout,
+            replica_identity_full,
+        } => prepare(
+            &config,
+            json,
+            pgswitch::prepare::Options {
+                pg_bin,
+                timeout: timeout.map(Into::into),
+                replica_identity_full,
+            },
+        ),
         Command::CheckConfig { config } => match check_config(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

@@ -1,5 +1,6 @@
 //! The admin HTTP API (control plane): health (liveness), ready (the active
 //! backend is reachable), status, Prometheus metrics, cutover and fallback,
+//! the checks (`GET /check`) and the initial copy of `prepare` (`GET /prepare`),
 //! and the operator's hold of the gate (pause/resume). Every endpoint but
 //! `GET /health` and `GET /ready` requires `Authorization: Bearer <token>`
 //! when a token is configured; a non-loopback listen address without a token
@@ -160,6 +161,19 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
                 Ok(report) => json_response(
                     StatusCode::OK,
                     &serde_json::to_value(&report).unwrap_or_default(),
+                ),
+                Err(e) => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        (&Method::GET, "/prepare") => {
+            let config = app.data.config().clone();
+            match crate::prepare::current_progress(&config).await {
+                Ok(progress) => json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(&progress).unwrap_or_default(),
                 ),
                 Err(e) => json_response(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -138,13 +138,20 @@ pub struct ReplicationConfig {
     pub subscription: String,
     /// Its slot on blue; defaults to the subscription's name.
     pub slot: Option<String>,
-    /// The publication on blue that the subscription reads.
+    /// The forward publication on blue (`FOR ALL TABLES`), which
+    /// `pgswitch prepare` creates and the subscription reads.
     pub publication: String,
     /// The replicated database (where the publication and subscriptions live).
     pub database: String,
     /// `pgswitch check` warns about any replication slot (pgswitch's or
     /// not) that keeps more WAL than this on its server.
     pub max_slot_retained_bytes: u64,
+    /// Whether the connection string of a subscription pgswitch creates
+    /// (the forward one by `prepare`, the reverse one by a cutover) holds
+    /// the admin password. `false` keeps it out of `pg_subscription` (and
+    /// of every dump of it): the subscriber server's OS user must then find
+    /// it in its password file (`~/.pgpass`) or authenticate by certificate.
+    pub password_in_catalog: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -155,6 +162,7 @@ impl Default for ReplicationConfig {
             publication: "pgswitch".into(),
             database: "postgres".into(),
             max_slot_retained_bytes: 1024 * 1024 * 1024,
+            password_in_catalog: true,
         }
     }
 }

@@ -143,17 +143,16 @@ impl<'a> Run<'a> {
     fn reverse_names(&self) -> ReverseNames {
         // The old side's apply worker reaches the new side (green) with
         // green's admin credentials.
-        let green = self.config.backends.green.as_ref();
-        let conninfo = green
+        let conninfo = self
+            .config
+            .backends
+            .green
+            .as_ref()
             .map(|g| {
-                let (user, password) = g.admin_credentials().unwrap_or_default();
-                format!(
-                    "host={} port={} user={} password={} dbname={}",
-                    g.host,
-                    g.port,
-                    conninfo_value(&user),
-                    conninfo_value(&password),
-                    conninfo_value(&self.config.replication.database)
+                replication::conninfo(
+                    g,
+                    &self.config.replication.database,
+                    self.config.replication.password_in_catalog,
                 )
             })
             .unwrap_or_default();
@@ -768,18 +767,6 @@ impl<'a> Run<'a> {
 
     fn report_switched(&self) -> bool {
         self.data.switch.active().side == self.direction.to()
-    }
-}
-
-/// A value for a libpq connection string, quoted when it needs to be.
-fn conninfo_value(v: &str) -> String {
-    if !v.is_empty()
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
-        v.to_owned()
-    } else {
-        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
     }
 }
 

@@ -23,6 +23,7 @@
 //! the step that failed and carrying the server's own message.
 
 mod catchup;
+mod conninfo;
 mod direction;
 mod fence;
 mod lsn;
@@ -32,6 +33,7 @@ mod watch;
 pub use catchup::{
     flush_and_mark, replication_lag, subscription_status, wait_applied, Lag, SubscriptionStatus,
 };
+pub use conninfo::{conninfo, conninfo_value};
 pub use direction::{
     advance_unused_slot, drop_direction, drop_orphaned_origins, prepare_reverse, slots_left,
     start_subscription, stop_subscription, switch_direction, Prepared, ReverseNames, SwitchPoint,

@@ -1,0 +1,210 @@
+//! Finding and running the PostgreSQL client programs prepare needs:
+//! `pg_dump` and `pg_dumpall` (the newest whose major version is at least
+//! blue's server version: an older pg_dump refuses a newer server, a newer
+//! one dumps what the restore on green understands), and `psql` to restore
+//! (the dumps hold psql meta-commands, `\restrict` since 15.14/17.6).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+
+use super::PrepareError;
+use crate::config::{BackendConfig, ServerTlsMode, Side};
+
+/// The programs found, with their major versions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tools {
+    pub pg_dump: PathBuf,
+    pub pg_dumpall: PathBuf,
+    pub psql: PathBuf,
+    /// Major version of pg_dump and pg_dumpall (the same folder).
+    pub dump_major: u32,
+}
+
+/// Where to look, in order: `--pg-bin`, every `PATH` entry, then each
+/// `/usr/lib/postgresql/<major>/bin`.
+fn candidate_dirs(pg_bin: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = pg_bin.map(Path::to_path_buf).into_iter().collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("bin"))
+            .collect();
+        found.sort();
+        dirs.extend(found);
+    }
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
+    dirs
+}
+
+/// The major version a PostgreSQL program reports (`pg_dump (PostgreSQL)
+/// 15.18 (Debian ...)` → 15); `None` when it does not run.
+async fn major_version(program: &Path) -> Option<u32> {
+    let out = tokio::process::Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_major(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_major(version: &str) -> Option<u32> {
+    let after = version.split(") ").nth(1)?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The newest pg_dump (with a pg_dumpall beside it) of major version at
+/// least `server_major`, and a psql (beside it when there is one).
+pub async fn find(pg_bin: Option<&Path>, server_major: u32) -> Result<Tools, PrepareError> {
+    let mut best: Option<(u32, PathBuf)> = None;
+    let mut seen = Vec::new();
+    let dirs = candidate_dirs(pg_bin);
+    for dir in &dirs {
+        let pg_dump = dir.join("pg_dump");
+        if !pg_dump.is_file() || !dir.join("pg_dumpall").is_file() {
+            continue;
+        }
+        let Some(major) = major_version(&pg_dump).await else {
+            continue;
+        };
+        seen.push(format!("{} ({major})", pg_dump.display()));
+        if major >= server_major && best.as_ref().is_none_or(|(m, _)| major > *m) {
+            best = Some((major, dir.clone()));
+        }
+    }
+    let Some((dump_major, dir)) = best else {
+        return Err(PrepareError::NoPgDump {
+            server_major,
+            found: if seen.is_empty() {
+                "none".into()
+            } else {
+                seen.join(", ")
+            },
+        });
+    };
+    let psql = std::iter::once(dir.clone())
+        .chain(dirs)
+        .map(|d| d.join("psql"))
+        .find(|p| p.is_file())
+        .ok_or(PrepareError::NoPsql)?;
+    Ok(Tools {
+        pg_dump: dir.join("pg_dump"),
+        pg_dumpall: dir.join("pg_dumpall"),
+        psql,
+        dump_major,
+    })
+}
+
+/// How a program reaches one side: libpq's environment variables, so that
+/// no password appears in a command line (`ps` shows those to everyone).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub side: Side,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Target {
+    pub fn new(side: Side, backend: &BackendConfig, database: &str) -> Target {
+        let (user, password) = backend.admin_credentials().unwrap_or_default();
+        let mut env = vec![
+            ("PGHOST", backend.host.clone()),
+            ("PGPORT", backend.port.to_string()),
+            ("PGUSER", user),
+            ("PGDATABASE", database.to_owned()),
+            ("PGSSLMODE", backend.server_tls.to_string()),
+            ("PGAPPNAME", crate::replication::APPLICATION_NAME.to_owned()),
+            ("PGCONNECT_TIMEOUT", "10".to_owned()),
+            ("PGOPTIONS", "-c synchronous_commit=on".to_owned()),
+        ];
+        if !password.is_empty() {
+            env.push(("PGPASSWORD", password));
+        }
+        if let (Some(ca), ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull) =
+            (&backend.server_tls_ca, backend.server_tls)
+        {
+            env.push(("PGSSLROOTCERT", ca.display().to_string()));
+        }
+        Target { side, env }
+    }
+}
+
+/// Runs `program args` against `target`, feeding `input` on stdin; its
+/// stdout, or [`PrepareError::Tool`] with the end of its stderr.
+pub async fn run(
+    program: &Path,
+    args: &[&str],
+    target: &Target,
+    input: Option<&[u8]>,
+) -> Result<Vec<u8>, PrepareError> {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_remove("PGSERVICE")
+        .env_remove("PGPASSWORD")
+        .envs(target.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let failed = |message: String| PrepareError::Tool {
+        tool: name.clone(),
+        side: target.side,
+        message,
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| failed(format!("cannot start {}: {e}", program.display())))?;
+    let writer = child.stdin.take();
+    let feed = async move {
+        if let (Some(mut stdin), Some(input)) = (writer, input) {
+            // A program that stops reading (it failed) closes the pipe: its
+            // exit status and stderr say why, not this write.
+            let _ = stdin.write_all(input).await;
+            let _ = stdin.shutdown().await;
+        }
+    };
+    let (_, out) = tokio::join!(feed, child.wait_with_output());
+    let out = out.map_err(|e| failed(e.to_string()))?;
+    if out.status.success() {
+        return Ok(out.stdout);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(12).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Err(failed(format!(
+        "{}: {}",
+        out.status,
+        crate::logging::redact(&tail.join("\n"))
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_the_major_version() {
+        assert_eq!(
+            super::parse_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-1.pgdg120+1)\n"),
+            Some(15)
+        );
+        assert_eq!(super::parse_major("psql (PostgreSQL) 17.2\n"), Some(17));
+        assert_eq!(super::parse_major("garbage"), None);
+    }
+}
