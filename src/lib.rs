@@ -5,7 +5,8 @@
 //! handle: [`backends`] and their [`pool`]s of [`server`] connections,
 //! [`statements`], [`session_params`], [`protocol`]. Control plane: [`switch`]
 //! (active backend and gate, the two planes' meeting point), [`cutover`],
-//! [`replication`], [`admin`]. [`runtime`] composes them. See ARCHITECTURE.md.
+//! [`replication`], [`admin`], the lifecycle commands [`check`] and
+//! [`verify`]. [`runtime`] composes them. See ARCHITECTURE.md.
 
 pub mod admin;
 pub mod auth;
@@ -34,3 +35,4 @@ pub mod state;
 pub mod statements;
 pub mod switch;
 pub mod tls;
+pub mod verify;

@@ -82,6 +82,25 @@ enum Command {
         #[arg(long)]
         replica_identity_full: bool,
     },
+    /// Do blue and green hold the same data? Row counts and checksums per
+    /// primary-key chunk, computed in both databases at once; exits 1 when a
+    /// table differs (2 when the comparison could not run).
+    Verify {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only these tables (schema.table, comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tables: Option<Vec<String>>,
+        /// About this many rows per chunk (one statement each).
+        #[arg(long, default_value_t = 100_000)]
+        chunk_rows: u64,
+        /// Chunks compared at once, each on its own connection to each side.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+    },
     /// With pgswitch stopped: bring both servers to the state file's answer
     /// (undo a switch a crash interrupted), or make --active the active side.
     Recover {
@@ -302,6 +321,42 @@ fn prepare(path: &std::path::Path, json: bool, options: pgswitch::prepare::Optio
     }
 }
 
+/// `pgswitch verify`: the report; exit 1 when a table differs, 2 when the
+/// comparison could not run.
+fn verify(path: &std::path::Path, json: bool, options: pgswitch::verify::Options) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgswitch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::from(2);
+    };
+    match runtime.block_on(pgswitch::verify::run(&config, &options)) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            if report.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("pgswitch: verify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `pgswitch recover`: one reconcile against both servers, offline.
 fn recover(path: &std::path::Path, active: Option<&str>) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
@@ -389,6 +444,21 @@ fn main() -> ExitCode {
                 pg_bin,
                 timeout: timeout.map(Into::into),
                 replica_identity_full,
+            },
+        ),
+        Command::Verify {
+            config,
+            json,
+            tables,
+            chunk_rows,
+            jobs,
+        } => verify(
+            &config,
+            json,
+            pgswitch::verify::Options {
+                tables,
+                chunk_rows,
+                jobs,
             },
         ),
         Command::CheckConfig { config } => match check_config(&config) {
