@@ -4,23 +4,30 @@ mod support;
 
 use support::*;
 
-/// Runs `pgswitch check --json` with `config`; (exit status ok, report).
-fn check(p: &Pair, config: &str) -> (bool, serde_json::Value) {
-    let path = p.dir.path().join("check.toml");
+/// Runs `pgswitch <command> --json --config <config>` (the config written
+/// into the pair's folder); (exit code, the JSON it printed).
+fn lifecycle_command(p: &Pair, command: &str, config: &str) -> (i32, serde_json::Value) {
+    let path = p.dir.path().join(format!("{command}.toml"));
     std::fs::write(&path, config).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
-        .args(["check", "--json", "--config"])
+        .args([command, "--json", "--config"])
         .arg(&path)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!(
-            "not JSON ({e}): {stdout}{}",
+            "{command}: not JSON ({e}): {stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    (out.status.success(), report)
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// Runs `pgswitch check --json` with `config`; (exit status ok, report).
+fn check(p: &Pair, config: &str) -> (bool, serde_json::Value) {
+    let (code, report) = lifecycle_command(p, "check", config);
+    (code == 0, report)
 }
 
 /// The checks at `level`, as (check, side) pairs.
@@ -248,20 +255,7 @@ async fn cutover_refuses_on_a_failed_check_unless_forced() {
         .unwrap();
     wait_streaming(&p.g, "pgswitch").await;
     let proxy = Proxy::start(&proxy_config(&p, "", ""));
-    let cli = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
-            .args(["cutover", "--json", "--admin"])
-            .arg(format!("http://127.0.0.1:{}", proxy.admin_port))
-            .args(["--token", TOKEN])
-            .args(extra)
-            .env_remove("PGSWITCH_ADMIN")
-            .output()
-            .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.success(), report)
-    };
-    let (ok, report) = cli(&[]);
+    let (ok, report) = admin_command(&proxy, &["cutover"]);
     assert!(!ok, "{report:#}");
     assert_eq!(report["outcome"], "refused", "{report:#}");
     let reason = report["reason"].as_str().unwrap();
@@ -273,7 +267,7 @@ async fn cutover_refuses_on_a_failed_check_unless_forced() {
     );
     assert_eq!(status(&proxy).await["active"], "blue");
 
-    let (ok, report) = cli(&["--force", "replica_identity"]);
+    let (ok, report) = admin_command(&proxy, &["cutover", "--force", "replica_identity"]);
     assert!(ok, "{report:#}");
     assert_eq!(report["outcome"], "switched", "{report:#}");
     let forced = report["forced"].as_array().unwrap();
@@ -288,13 +282,14 @@ async fn cutover_refuses_on_a_failed_check_unless_forced() {
     assert_eq!(status(&proxy).await["active"], "green");
 }
 
-/// Runs `pgswitch decommission [extra]` against `proxy`: (exit ok, report).
-fn decommission(proxy: &Proxy, extra: &[&str]) -> (bool, serde_json::Value) {
+/// Runs the admin command `args[0]` with `--json` and the rest of `args`
+/// against `proxy`: (exit ok, report).
+fn admin_command(proxy: &Proxy, args: &[&str]) -> (bool, serde_json::Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgswitch"))
-        .args(["decommission", "--json", "--admin"])
+        .args([args[0], "--json", "--admin"])
         .arg(format!("http://127.0.0.1:{}", proxy.admin_port))
         .args(["--token", TOKEN])
-        .args(extra)
+        .args(&args[1..])
         .env_remove("PGSWITCH_ADMIN")
         .output()
         .unwrap();
@@ -311,7 +306,7 @@ fn decommission(proxy: &Proxy, extra: &[&str]) -> (bool, serde_json::Value) {
 async fn decommission_leaves_nothing_behind() {
     let p = pair().await;
     let mut proxy = Proxy::start(&proxy_config(&p, "", ""));
-    let (ok, report) = decommission(&proxy, &[]);
+    let (ok, report) = admin_command(&proxy, &["decommission"]);
     assert!(!ok, "{report:#}");
     assert_eq!(report["outcome"], "refused", "{report:#}");
     assert!(
@@ -325,7 +320,7 @@ async fn decommission_leaves_nothing_behind() {
     let (code, report) = switch(&proxy, "/cutover", "").await;
     assert_eq!(code, 200, "{report}");
     assert!(!p.replication_leftovers().await.is_empty());
-    let (ok, report) = decommission(&proxy, &[]);
+    let (ok, report) = admin_command(&proxy, &["decommission"]);
     assert!(!ok, "{report:#}");
     let reason = report["reason"].as_str().unwrap();
     assert!(
@@ -333,7 +328,7 @@ async fn decommission_leaves_nothing_behind() {
         "{reason}"
     );
 
-    let (ok, report) = decommission(&proxy, &["--force"]);
+    let (ok, report) = admin_command(&proxy, &["decommission", "--force"]);
     assert!(ok, "{report:#}");
     assert_eq!(report["outcome"], "done", "{report:#}");
     assert_eq!(report["forced"], true, "{report:#}");
@@ -362,11 +357,114 @@ async fn decommission_leaves_nothing_behind() {
     assert!(status(&proxy).await["decommissioned_at_ms"].is_u64());
 
     // Harmless again, and after a restart.
-    let (ok, report) = decommission(&proxy, &[]);
+    let (ok, report) = admin_command(&proxy, &["decommission"]);
     assert!(ok, "{report:#}");
     assert_eq!(report["dropped"], serde_json::json!([]), "{report:#}");
     proxy.restart();
     let c = connect(&proxy, "app").await.unwrap();
     assert_eq!(server_port(&c).await, i32::from(p.green.port));
     assert_eq!(p.replication_leftovers().await, Vec::<String>::new());
+}
+
+/// The README's upgrade playbook, command by command: an empty green 17
+/// built from blue 15 by `prepare`, `check` and `verify` passing, a cutover
+/// under a writer, `verify` in the reverse direction, a fallback and
+/// `verify` again, a cutover back, and `decommission` leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrade_playbook_end_to_end() {
+    let hb = std::thread::spawn(|| PgServer::start(PgOptions::default()));
+    let hg = std::thread::spawn(|| {
+        PgServer::start(PgOptions {
+            version: PgVersion::V17,
+            ..Default::default()
+        })
+    });
+    let (blue, green) = (hb.join().unwrap(), hg.join().unwrap());
+    blue.create_user("app", "app");
+    blue.create_db("app", None);
+    blue.psql_db(
+        "app",
+        "CREATE SCHEMA sales;
+         CREATE TABLE acked (id bigint PRIMARY KEY, writer int NOT NULL,
+                             port int NOT NULL DEFAULT inet_server_port());
+         CREATE TABLE sales.orders (id int GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                                    note text, at timestamptz DEFAULT now());
+         INSERT INTO sales.orders (note) SELECT 'order ' || g FROM generate_series(1, 5000) g;
+         INSERT INTO acked (id, writer, port) SELECT -g, 0, 0 FROM generate_series(1, 2000) g;
+         GRANT USAGE ON SCHEMA sales TO app;
+         GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public, sales TO app;",
+    );
+    // green holds nothing yet: prepare creates the role, the database's
+    // contents and the replication (an empty database is accepted).
+    green.create_db("app", None);
+    let p = Pair {
+        b: admin(&blue).await,
+        g: admin(&green).await,
+        blue,
+        green,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let config = proxy_config(&p, "", "");
+
+    // 1. prepare → 2. check → 3. verify.
+    let (code, report) = lifecycle_command(&p, "prepare", &config);
+    assert_eq!(code, 0, "prepare: {report:#}");
+    let (code, report) = lifecycle_command(&p, "prepare", &config);
+    assert_eq!(code, 0, "prepare again: {report:#}");
+    assert_eq!(
+        report["changed"], false,
+        "a re-run changes nothing: {report:#}"
+    );
+    let (ok, report) = check(&p, &config);
+    assert!(ok, "check: {report:#}");
+    let (code, report) = lifecycle_command(&p, "verify", &config);
+    assert_eq!(code, 0, "verify: {report:#}");
+
+    // 4. cutover, under a writer through pgswitch → 5. verify (reverse).
+    let proxy = Proxy::start(&config);
+    let writer = connect(&proxy, "app").await.unwrap();
+    let mut next_id = 1i64;
+    let mut write = |n: i64| {
+        let ids: Vec<i64> = (next_id..next_id + n).collect();
+        next_id += n;
+        ids
+    };
+    for id in write(50) {
+        writer
+            .execute("INSERT INTO acked (id, writer) VALUES ($1, 1)", &[&id])
+            .await
+            .unwrap();
+    }
+    let (ok, report) = admin_command(&proxy, &["cutover"]);
+    assert!(ok, "cutover: {report:#}");
+    for id in write(50) {
+        writer
+            .execute("INSERT INTO acked (id, writer) VALUES ($1, 1)", &[&id])
+            .await
+            .unwrap();
+    }
+    assert_eq!(server_port(&writer).await, i32::from(p.green.port));
+    let (code, report) = lifecycle_command(&p, "verify", &config);
+    assert_eq!(code, 0, "verify after the cutover: {report:#}");
+
+    // 6. fallback → verify, and back to green.
+    let (ok, report) = admin_command(&proxy, &["fallback"]);
+    assert!(ok, "fallback: {report:#}");
+    let (code, report) = lifecycle_command(&p, "verify", &config);
+    assert_eq!(code, 0, "verify after the fallback: {report:#}");
+    let (ok, report) = admin_command(&proxy, &["cutover"]);
+    assert!(ok, "cutover again: {report:#}");
+    let (ok, report) = check(&p, &config);
+    assert!(ok, "check on green: {report:#}");
+
+    // 7. decommission (inside the default 24 h window: forced).
+    let (ok, report) = admin_command(&proxy, &["decommission", "--force"]);
+    assert!(ok, "decommission: {report:#}");
+    assert_eq!(p.replication_leftovers().await, Vec::<String>::new());
+    let rows: i64 =
+        p.g.query_one("SELECT count(*) FROM acked WHERE id > 0", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(rows, 100, "every row written through pgswitch is on green");
 }
