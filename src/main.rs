@@ -252,19 +252,28 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `pgswitch check`: the report, and exit 1 when a check fails.
-fn check(path: &std::path::Path, json: bool) -> ExitCode {
+/// The shape of `check`, `prepare` and `verify`: load the config, run on a
+/// small runtime, print the report (JSON or text) and exit with what
+/// `outcome` says of it; `cannot_run` when there is no report.
+fn report_command<R: serde::Serialize>(
+    path: &std::path::Path,
+    json: bool,
+    cannot_run: u8,
+    run: impl AsyncFnOnce(&Config) -> Result<R, String>,
+    render: impl Fn(&R) -> String,
+    outcome: impl Fn(&R) -> ExitCode,
+) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pgswitch: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(cannot_run);
         }
     };
     let Some(runtime) = command_runtime() else {
-        return ExitCode::FAILURE;
+        return ExitCode::from(cannot_run);
     };
-    match runtime.block_on(pgswitch::check::run(&config)) {
+    match runtime.block_on(run(&config)) {
         Ok(report) => {
             if json {
                 println!(
@@ -272,89 +281,76 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 );
             } else {
-                print!("{}", report.render());
+                print!("{}", render(&report));
             }
-            if report.level() == pgswitch::check::Level::Fail {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
+            outcome(&report)
         }
         Err(e) => {
             eprintln!("pgswitch: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(cannot_run)
         }
     }
 }
 
-/// `pgswitch prepare`: the report, and exit 1 when something failed.
-fn prepare(path: &std::path::Path, json: bool, options: pgswitch::prepare::Options) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pgswitch: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let Some(runtime) = command_runtime() else {
-        return ExitCode::FAILURE;
-    };
-    let mut display = pgswitch::prepare::Display::new(json);
-    let report = runtime.block_on(pgswitch::prepare::run(&config, &options, &mut display));
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        print!("{}", report.render());
-    }
-    if report.ok {
+fn success_if(ok: bool) -> ExitCode {
+    if ok {
         ExitCode::SUCCESS
     } else {
-        if json {
-            if let Some(e) = &report.error {
-                eprintln!("pgswitch: {e}");
-            }
-        }
         ExitCode::FAILURE
     }
+}
+
+/// `pgswitch check`: the report, and exit 1 when a check fails.
+fn check(path: &std::path::Path, json: bool) -> ExitCode {
+    report_command(
+        path,
+        json,
+        1,
+        async |config| {
+            pgswitch::check::run(config)
+                .await
+                .map_err(|e| e.to_string())
+        },
+        pgswitch::check::Report::render,
+        |report| success_if(report.level() != pgswitch::check::Level::Fail),
+    )
+}
+
+/// `pgswitch prepare`: the report, and exit 1 when something failed.
+fn prepare(path: &std::path::Path, json: bool, options: pgswitch::prepare::Options) -> ExitCode {
+    report_command(
+        path,
+        json,
+        1,
+        async |config| {
+            let mut display = pgswitch::prepare::Display::new(json);
+            Ok(pgswitch::prepare::run(config, &options, &mut display).await)
+        },
+        pgswitch::prepare::Report::render,
+        |report| {
+            if let (true, Some(e)) = (json, &report.error) {
+                eprintln!("pgswitch: {e}");
+            }
+            success_if(report.ok)
+        },
+    )
 }
 
 /// `pgswitch verify`: the report; exit 1 when a table differs, 2 when the
 /// comparison could not run.
 fn verify(path: &std::path::Path, json: bool, options: pgswitch::verify::Options) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pgswitch: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(runtime) = command_runtime() else {
-        return ExitCode::from(2);
-    };
-    match runtime.block_on(pgswitch::verify::run(&config, &options)) {
-        Ok(report) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", report.render());
-            }
-            if report.equal {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("pgswitch: verify: {e}");
-            ExitCode::from(2)
-        }
-    }
+    report_command(
+        path,
+        json,
+        2,
+        async |config| {
+            pgswitch::verify::run(config, &options)
+                .await
+                .map_err(|e| format!("verify: {e}"))
+        },
+        pgswitch::verify::Report::render,
+        |report| success_if(report.equal),
+    )
 }
 
 /// `pgswitch recover`: one reconcile against both servers, offline.

@@ -61,6 +61,24 @@ pub async fn call(
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
+/// One line per item of each list `key` of `value`, under its `label`.
+fn push_lists(out: &mut String, value: &serde_json::Value, lists: &[(&str, &str)], width: usize) {
+    for (key, label) in lists {
+        for item in value
+            .get(*key)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(&format!(
+                "  {:<width$} {}\n",
+                format!("{label}:"),
+                item.as_str().unwrap_or("?")
+            ));
+        }
+    }
+}
+
 /// A report or status, readable by a person at 3 a.m.
 pub fn render(value: &serde_json::Value) -> String {
     let mut out = String::new();
@@ -70,24 +88,12 @@ pub fn render(value: &serde_json::Value) -> String {
         if let Some(reason) = value.get("reason").and_then(|v| v.as_str()) {
             out.push_str(&format!("  reason:    {reason}\n"));
         }
-        for (key, label) in [
+        let lists = [
             ("dropped", "dropped"),
             ("lifted", "unfenced"),
             ("remaining", "remaining"),
-        ] {
-            for item in value
-                .get(key)
-                .and_then(|v| v.as_array())
-                .into_iter()
-                .flatten()
-            {
-                out.push_str(&format!(
-                    "  {:<10} {}\n",
-                    format!("{label}:"),
-                    item.as_str().unwrap_or("?")
-                ));
-            }
-        }
+        ];
+        push_lists(&mut out, value, &lists, 10);
         return out;
     }
     if let Some(outcome) = value.get("outcome").and_then(|v| v.as_str()) {
@@ -125,25 +131,13 @@ pub fn render(value: &serde_json::Value) -> String {
                 ));
             }
         }
-        for (key, label) in [
+        let lists = [
             ("forced", "forced"),
             ("warnings", "check warned"),
             ("undone", "undone"),
             ("undo_failures", "undo failed"),
-        ] {
-            for item in value
-                .get(key)
-                .and_then(|v| v.as_array())
-                .into_iter()
-                .flatten()
-            {
-                out.push_str(&format!(
-                    "  {:<18} {}\n",
-                    format!("{label}:"),
-                    item.as_str().unwrap_or("?")
-                ));
-            }
-        }
+        ];
+        push_lists(&mut out, value, &lists, 18);
         if let Some(phases) = value.get("phases").and_then(|v| v.as_array()) {
             out.push_str("  phases:\n");
             for phase in phases {

@@ -89,19 +89,10 @@ impl Controller {
             lifted: Vec::new(),
             remaining: Vec::new(),
         };
-        use std::sync::atomic::Ordering;
-        if self.switching.swap(true, Ordering::AcqRel) {
-            report.reason = Some("a cutover or fallback is running".into());
+        let Some(_exclusive) = self.exclusive().await else {
+            report.reason = Some("a cutover, fallback or decommission is running".into());
             return report;
-        }
-        struct Switching<'c>(&'c std::sync::atomic::AtomicBool);
-        impl Drop for Switching<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _switching = Switching(&self.switching);
-        let _running = self.running.lock().await;
+        };
         let config = data.config().clone();
         match self.decommission_locked(&config, force, &mut report).await {
             Ok(()) => report.outcome = "done",

@@ -109,6 +109,21 @@ pub struct Controller {
 
 pub(crate) use crate::replication::connect_side;
 
+/// Clears `switching` when dropped.
+struct Switching<'c>(&'c std::sync::atomic::AtomicBool);
+
+impl Drop for Switching<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Held while a switch or a decommission runs (see [`Controller::exclusive`]).
+struct Exclusive<'c> {
+    _running: tokio::sync::MutexGuard<'c, ()>,
+    _switching: Switching<'c>,
+}
+
 /// Whether pgswitch can reach both sides as an admin: the precondition of
 /// any switch, and of reconciling the servers at start.
 pub fn manages_replication(config: &Config) -> bool {
@@ -329,6 +344,21 @@ impl Controller {
         }
     }
 
+    /// The control plane to oneself: no other switch or decommission (None
+    /// if one runs), and no round of the upkeep (it is short: waited for).
+    async fn exclusive(&self) -> Option<Exclusive<'_>> {
+        use std::sync::atomic::Ordering;
+        if self.switching.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let switching = Switching(&self.switching);
+        let running = self.running.lock().await;
+        Some(Exclusive {
+            _running: running,
+            _switching: switching,
+        })
+    }
+
     pub fn phase(&self) -> &'static str {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -352,23 +382,13 @@ impl Controller {
             direction.to(),
             options.dry_run,
         );
-        use std::sync::atomic::Ordering;
-        if self.switching.swap(true, Ordering::AcqRel) {
+        let Some(_exclusive) = self.exclusive().await else {
             report.finish(
                 Outcome::Refused,
                 Some("another cutover or fallback is running".into()),
             );
             return self.record(data, report);
-        }
-        struct Switching<'c>(&'c std::sync::atomic::AtomicBool);
-        impl Drop for Switching<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _switching = Switching(&self.switching);
-        // A round of the upkeep may be under way: it is short, wait for it.
-        let _running = self.running.lock().await;
+        };
         let config = data.config().clone();
         let timeout = options
             .timeout_ms

@@ -93,21 +93,7 @@ pub async fn copy(
     if outcome.created.is_empty() {
         return Ok(outcome);
     }
-    tools::run(
-        &tools.psql,
-        &[
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--single-transaction",
-            "-f",
-            "-",
-        ],
-        green_target,
-        Some(script.as_bytes()),
-    )
-    .await?;
+    tools::psql_script(tools, green_target, script.as_bytes()).await?;
     Ok(outcome)
 }
 

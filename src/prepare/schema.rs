@@ -234,20 +234,6 @@ pub async fn restore(
         )
         .as_bytes(),
     );
-    tools::run(
-        &tools.psql,
-        &[
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--single-transaction",
-            "-f",
-            "-",
-        ],
-        green_target,
-        Some(&dump),
-    )
-    .await?;
+    tools::psql_script(tools, green_target, &dump).await?;
     Ok(size)
 }

@@ -139,6 +139,27 @@ impl Target {
     }
 }
 
+/// Runs `script` with psql on `target` in one transaction that stops at
+/// the first error: all of it or nothing.
+pub async fn psql_script(
+    tools: &Tools,
+    target: &Target,
+    script: &[u8],
+) -> Result<(), PrepareError> {
+    let args = [
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "--single-transaction",
+        "-f",
+        "-",
+    ];
+    run(&tools.psql, &args, target, Some(script))
+        .await
+        .map(|_| ())
+}
+
 /// Runs `program args` against `target`, feeding `input` on stdin; its
 /// stdout, or [`PrepareError::Tool`] with the end of its stderr.
 pub async fn run(
