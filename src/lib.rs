@@ -18,6 +18,7 @@ pub mod client_conn;
 pub mod config;
 pub mod cutover;
 pub mod data_plane;
+pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod logging;

@@ -21,6 +21,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A blue/green upgrade on this machine, start to end: two throwaway
+    /// servers, prepare, pgswitch with its dashboard, a workload, a cutover,
+    /// verify, a fallback, verify; everything removed at the end.
+    Demo {
+        /// Leave everything running and print how to reach it.
+        #[arg(long)]
+        keep: bool,
+        /// A folder searched first for initdb, pg_ctl and postgres.
+        #[arg(long)]
+        pg_bin: Option<PathBuf>,
+        /// Client sessions of the workload.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+    },
     /// Run the proxy.
     Run {
         /// Path to proxy.toml.
@@ -353,6 +367,26 @@ fn verify(path: &std::path::Path, json: bool, options: pgswitch::verify::Options
     )
 }
 
+/// `pgswitch demo`: exit 0 when both switches went through with no client
+/// error and no row lost.
+fn demo(options: pgswitch::demo::Options) -> ExitCode {
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(pgswitch::demo::run(options)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(pgswitch::demo::DemoError::Interrupted) => {
+            eprintln!("pgswitch demo: interrupted; removed what it made");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("pgswitch demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `pgswitch recover`: one reconcile against both servers, offline.
 fn recover(path: &std::path::Path, active: Option<&str>) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
@@ -425,6 +459,15 @@ fn main() -> ExitCode {
             "/decommission",
             Some(serde_json::json!({ "force": force }).to_string()),
         ),
+        Command::Demo {
+            keep,
+            pg_bin,
+            clients,
+        } => demo(pgswitch::demo::Options {
+            keep,
+            pg_bin,
+            clients,
+        }),
         Command::Recover { config, active } => recover(&config, active.as_deref()),
         Command::Check { config, json } => check(&config, json),
         Command::Prepare {
