@@ -47,6 +47,8 @@ pub fn init(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(rust_log.as_deref(), &config.proxy.log_level))
         .with_writer(Redacting(io::stdout))
+        // Colour only for a person at a terminal, not in files and journals.
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stdout()))
         .with_target(false);
     match config.proxy.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -74,9 +76,13 @@ pub struct RedactingWriter<W>(W);
 impl<W: Write> Write for RedactingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let text = String::from_utf8_lossy(buf);
-        match redact(&text) {
-            Cow::Borrowed(_) => self.0.write_all(buf)?,
-            Cow::Owned(redacted) => self.0.write_all(redacted.as_bytes())?,
+        let redacted = redact(&text);
+        match one_line(&redacted) {
+            Some(folded) => self.0.write_all(folded.as_bytes())?,
+            None => match redacted {
+                Cow::Borrowed(_) => self.0.write_all(buf)?,
+                Cow::Owned(redacted) => self.0.write_all(redacted.as_bytes())?,
+            },
         }
         Ok(buf.len())
     }
@@ -84,6 +90,23 @@ impl<W: Write> Write for RedactingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()
     }
+}
+
+/// An event whose message or fields span lines (an error with a multi-line
+/// cause, a server's DETAIL) as one line, its inner line breaks shown as
+/// ` | `: one event, one line, for grep and for log shippers. `None` when
+/// it is one line already.
+fn one_line(event: &str) -> Option<String> {
+    let body = event.strip_suffix('\n').unwrap_or(event);
+    if !body.contains('\n') {
+        return None;
+    }
+    let folded = body
+        .split('\n')
+        .map(|l| l.trim_end_matches('\r'))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    Some(format!("{folded}\n"))
 }
 
 /// `text` with the secrets of connection strings replaced by `***`:
@@ -359,5 +382,14 @@ mod tests {
         });
         assert!(!out.contains("hunter2"), "{out}");
         assert!(out.contains("password=***"), "{out}");
+    }
+
+    #[test]
+    fn a_multi_line_event_is_one_line() {
+        assert_eq!(
+            one_line("ERROR x: failed\ncaused by: y\n").as_deref(),
+            Some("ERROR x: failed | caused by: y\n")
+        );
+        assert_eq!(one_line("INFO one line\n"), None);
     }
 }

@@ -42,6 +42,9 @@ pub struct Gate {
     state: watch::Sender<bool>,
     /// Since when each holder holds it.
     holders: Mutex<Holders>,
+    /// Passes that found the gate closed and waited (counted off the hot
+    /// path: only when closed).
+    waited: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -65,6 +68,7 @@ impl Default for Gate {
             closed: AtomicBool::new(false),
             state: watch::Sender::new(false),
             holders: Mutex::new(Holders::default()),
+            waited: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -76,6 +80,7 @@ impl Gate {
         if !self.closed.load(Ordering::SeqCst) {
             return;
         }
+        self.waited.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.state.subscribe();
         // The sender lives as long as the gate, so this only ends when the gate opens.
         let _ = rx.wait_for(|closed| !*closed).await;
@@ -104,6 +109,12 @@ impl Gate {
             self.state.send_replace(false);
         }
         Some(since.elapsed())
+    }
+
+    /// How many passes waited at the closed gate, ever (a transaction held
+    /// across several closings counts once per closing it met).
+    pub fn waited(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
     }
 
     pub fn is_closed(&self) -> bool {

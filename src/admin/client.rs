@@ -122,10 +122,25 @@ pub fn render(value: &serde_json::Value) -> String {
                 "  still paused:      by the operator's /pause, until `pgswitch resume`\n",
             );
         }
-        for key in ["target_lsn", "switch_lsn", "sequences_synced", "lag_bytes"] {
+        if let Some(held) = value.get("held_transactions").and_then(|v| v.as_u64()) {
+            out.push_str(&format!("  held at the gate:  {held} transaction(s)\n"));
+        }
+        // The catch-up target is a position in the old side's WAL, the
+        // switch point one in the new side's (where the way back starts).
+        for (key, server) in [
+            ("target_lsn", from),
+            ("switch_lsn", to),
+            ("sequences_synced", ""),
+            ("lag_bytes", ""),
+        ] {
             if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
+                let on = if server.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (on {server})")
+                };
                 out.push_str(&format!(
-                    "  {:<18} {}\n",
+                    "  {:<18} {}{on}\n",
                     format!("{}:", key.replace('_', " ")),
                     v.to_string().trim_matches('"')
                 ));
@@ -139,11 +154,13 @@ pub fn render(value: &serde_json::Value) -> String {
         ];
         push_lists(&mut out, value, &lists, 18);
         if let Some(phases) = value.get("phases").and_then(|v| v.as_array()) {
-            out.push_str("  phases:\n");
+            out.push_str("  phases (* inside the pause):\n");
             for phase in phases {
                 let name = phase.get("name").and_then(|v| v.as_str()).unwrap_or("?");
                 let ms = phase.get("ms").and_then(|v| v.as_f64()).unwrap_or(0.0);
-                out.push_str(&format!("    {name:<12} {ms:>9.1} ms\n"));
+                let paused = phase.get("in_pause").and_then(|v| v.as_bool()) == Some(true);
+                let mark = if paused { '*' } else { ' ' };
+                out.push_str(&format!("   {mark}{name:<12} {ms:>9.1} ms\n"));
             }
         }
         return out;

@@ -428,8 +428,14 @@ impl Controller {
         if let Some(pause_ms) = report.pause_ms {
             data.metrics.pause_seconds.observe(pause_ms / 1000.0);
         }
-        tracing::info!(kind = report.kind, outcome = report.outcome.as_str(), from = %report.from, to = %report.to,
-            pause_ms = report.pause_ms, reason = report.reason.as_deref(), "switch finished");
+        match report.outcome {
+            Outcome::Switched | Outcome::DryRun => tracing::info!(kind = report.kind,
+                outcome = report.outcome.as_str(), from = %report.from, to = %report.to,
+                pause_ms = report.pause_ms, "switch finished"),
+            _ => tracing::warn!(kind = report.kind, outcome = report.outcome.as_str(),
+                from = %report.from, to = %report.to, pause_ms = report.pause_ms,
+                reason = report.reason.as_deref(), "switch did not happen"),
+        }
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         if history.len() == HISTORY {
             history.remove(0);

@@ -32,6 +32,9 @@ impl Outcome {
 pub struct Phase {
     pub name: &'static str,
     pub ms: f64,
+    /// Ran while new transactions were held at the gate.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub in_pause: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +50,12 @@ pub struct Report {
     pub phases: Vec<Phase>,
     /// How long new transactions were held at the gate by this switch.
     pub pause_ms: Option<f64>,
+    /// Transactions (and new sessions) that waited at the gate meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_transactions: Option<u64>,
+    /// While the gate is closed (phases recorded meanwhile are `in_pause`).
+    #[serde(skip)]
+    pub pausing: bool,
     /// An operator's `/pause` was in force and still holds new transactions
     /// after the switch, until `/resume`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -87,6 +96,8 @@ impl Report {
             started_at_unix_ms,
             phases: Vec::new(),
             pause_ms: None,
+            held_transactions: None,
+            pausing: false,
             still_paused_by_operator: false,
             lag_bytes: None,
             target_lsn: None,
@@ -103,6 +114,7 @@ impl Report {
         self.phases.push(Phase {
             name,
             ms: took.as_secs_f64() * 1000.0,
+            in_pause: self.pausing,
         });
     }
 

@@ -44,6 +44,8 @@ pub(super) struct Run<'a> {
     /// `recover`); its cleanup and the state without the intent follow.
     rolled_back: bool,
     paused_at: Option<Instant>,
+    /// The gate's count of waiting passes when this switch closed it.
+    waited_before_pause: u64,
     conns: Option<Conns>,
     /// Failed checks the operator allows (`--force`).
     pub(super) force: Vec<String>,
@@ -111,6 +113,7 @@ impl<'a> Run<'a> {
             intent_written: false,
             rolled_back: false,
             paused_at: None,
+            waited_before_pause: 0,
             conns: None,
             force: Vec::new(),
         }
@@ -341,6 +344,8 @@ impl<'a> Run<'a> {
         self.data.switch.set_draining(true);
         self.data.switch.gate.hold(Holder::Cutover);
         self.paused_at = Some(Instant::now());
+        self.waited_before_pause = self.data.switch.gate.waited();
+        self.report.pausing = true;
 
         // 3. Drain.
         let drain = self.drain();
@@ -748,6 +753,14 @@ impl<'a> Run<'a> {
             // An operator's pause, if any, still holds the gate.
             self.data.switch.gate.release(Holder::Cutover);
             self.report.pause_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
+            self.report.pausing = false;
+            self.report.held_transactions = Some(
+                self.data
+                    .switch
+                    .gate
+                    .waited()
+                    .saturating_sub(self.waited_before_pause),
+            );
             self.report.still_paused_by_operator =
                 self.data.switch.gate.holders().contains(&Holder::Operator);
         }
