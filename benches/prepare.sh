@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # pgswitch prepare benchmark: the initial copy of a pgbench database from blue (PostgreSQL 15)
-# to green (17), by `pgswitch prepare` (logical replication's table sync) and, in the same run,
+# to green (17), by `pgswitch prepare` (its exported-snapshot pg_dump | pg_restore) and, in the same run,
 # by `pg_dump -Fc | pg_restore` into a fresh database on green; prints rows/s, MB/s and the
 # ratio.  See benches/README.md.
 #

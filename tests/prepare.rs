@@ -266,8 +266,9 @@ async fn prepare_builds_green_and_a_rerun_changes_nothing() {
     assert_eq!(code, 401);
 }
 
-/// SIGKILL during the initial copy: the copy goes on in the servers, a
-/// re-run follows it to the end; one slot, every row once.
+/// SIGKILL during the data copy (pg_dump | pg_restore): the re-run ends
+/// the orphaned pg_restore, empties the partial copy, drops the unused
+/// slot and copies again; one slot, one subscription, every row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_killed_during_the_copy_is_completed_by_a_rerun() {
     let s = servers();
@@ -317,12 +318,20 @@ async fn a_run_killed_during_the_copy_is_completed_by_a_rerun() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
+    let g = s.green.connect(SUPERUSER, SUPERUSER_PASSWORD, "app").await;
+    let marker = "SELECT shobj_description(oid, 'pg_database') FROM pg_database \
+                  WHERE datname = 'app'";
+    let marker: String = g.query_one(marker, &[]).await.unwrap().get(0);
+    assert!(marker.contains("stage=copying"), "{marker}");
+    assert_eq!(count(&g, "SELECT count(*) FROM pg_subscription").await, 0);
 
     let (ok, report, stderr) = prepare(&s, &[]);
     assert!(ok, "{report:#}\n{stderr}");
     assert_eq!(report["progress"]["phase"], "ready");
+    let steps = report["steps"].to_string();
+    assert!(steps.contains("dropped slots on blue"), "{steps}");
+    assert!(steps.contains("copied as of slot"), "{steps}");
     let b = s.blue.connect(SUPERUSER, SUPERUSER_PASSWORD, "app").await;
-    let g = s.green.connect(SUPERUSER, SUPERUSER_PASSWORD, "app").await;
     for t in ["big", "small"] {
         let q = format!("SELECT count(*) FROM {t}");
         assert_eq!(count(&b, &q).await, count(&g, &q).await, "{t}");
@@ -392,4 +401,65 @@ async fn refusals_and_leftovers() {
         "{error}"
     );
     assert_eq!(count(&b, SLOTS).await, 0);
+}
+
+/// A writer inserts on blue during the whole prepare (before the slot,
+/// during the copy, after it): once green caught up, every row blue has is
+/// on green exactly once (the copy's snapshot and the slot's consistent
+/// point are the same instant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_is_exact_across_the_snapshot() {
+    let s = servers();
+    s.blue.create_db("app", None);
+    s.blue.psql_db(
+        "app",
+        "CREATE TABLE w (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE pad (id int PRIMARY KEY, pad text NOT NULL);
+         INSERT INTO pad SELECT i, repeat(md5(i::text), 6) FROM generate_series(1, 200000) i;
+         INSERT INTO w (id) SELECT generate_series(1, 1000);",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b = s.blue.connect(SUPERUSER, SUPERUSER_PASSWORD, "app").await;
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut id: i64 = 1000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                // Single-row transactions, and a few in a longer one, so
+                // that some are open when the slot is created.
+                b.batch_execute(&format!(
+                    "BEGIN; INSERT INTO w (id) VALUES ({id}); INSERT INTO w (id) VALUES ({}); \
+                     COMMIT",
+                    -id
+                ))
+                .await
+                .unwrap();
+            }
+            id
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, report, stderr) = {
+        let path = s.dir.path().join("prepare.toml");
+        std::fs::write(&path, &s.config).unwrap();
+        let s = &s;
+        tokio::task::block_in_place(|| prepare(s, &[]))
+    };
+    assert!(ok, "{report:#}\n{stderr}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = writer.await.unwrap();
+    assert!(last > 1100, "the writer wrote during prepare ({last})");
+    let b = s.blue.connect(SUPERUSER, SUPERUSER_PASSWORD, "app").await;
+    let g = s.green.connect(SUPERUSER, SUPERUSER_PASSWORD, "app").await;
+    let sig = "SELECT count(*)::text || ' ' || count(DISTINCT id)::text || ' ' || \
+               md5(string_agg(id::text, ',' ORDER BY id)) FROM w";
+    let want: String = b.query_one(sig, &[]).await.unwrap().get(0);
+    wait_until(Duration::from_secs(30), "green caught up", || async {
+        let have: String = g.query_one(sig, &[]).await.unwrap().get(0);
+        have == want
+    })
+    .await;
+    assert_eq!(count(&b, SLOTS).await, 1);
 }

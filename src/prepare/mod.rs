@@ -12,39 +12,54 @@
 //! 1. roles ([`roles`]: blue's, with their SCRAM secrets; roles green has
 //!    are left alone);
 //! 2. schema ([`schema`]: the database, then one transaction restoring
-//!    `pg_dump --schema-only` with a marker; refused over anything else);
-//! 3. publication on blue and subscription on green ([`objects`]: binary
-//!    where it helps; what a killed run left on blue is dropped first);
-//! 4. the initial copy followed to its end ([`progress`], also served as
+//!    `pg_dump --schema-only --section=pre-data` with a marker; refused
+//!    over anything else);
+//! 3. publication on blue;
+//! 4. the initial copy ([`copy`], [`snapshot`]): a slot on blue with an
+//!    exported snapshot, `pg_dump --data-only --snapshot | pg_restore` into
+//!    green's index-less tables, post-data (indexes, constraints), then the
+//!    subscription from the slot (`copy_data = false`; [`objects`]);
+//! 5. the catch-up followed to its end ([`progress`], also served as
 //!    `GET /prepare`), then the materialized views refreshed on green.
 //!
 //! # A SIGKILL at any point
 //!
-//! * before or during roles or schema: their transactions commit whole or
-//!   not at all (a psql left running finishes its transaction); a re-run
-//!   finds the roles, or the marked schema, and goes on;
-//! * after the schema, before the subscription: a re-run finds the marker,
-//!   no subscription and empty tables, and creates it. Had the tables rows
-//!   (someone wrote on green, or dropped an earlier subscription after a
-//!   copy), it refuses: a new copy would duplicate them;
-//! * during `CREATE SUBSCRIPTION`: the server finishes or rolls it back;
-//!   a slot left on blue without a subscription on green (and tablesync
-//!   slots of subscriptions green no longer has) is dropped and recreated,
-//!   so there is never a second slot;
-//! * during the copy: the copy goes on in the servers (tablesync workers);
-//!   a re-run follows it to the end.
+//! A re-run first ends the sessions a killed run's programs left on both
+//! servers (by their `application_name`): an orphaned pg_restore would
+//! otherwise go on writing, a psql finish its transaction behind the
+//! re-run's back. Then:
+//!
+//! * before or during roles or a schema section: their transactions commit
+//!   whole or not at all; a re-run finds the roles, or the marker, and goes
+//!   on;
+//! * before or during the copy: the marker says `copying` (or only
+//!   pre-data, tables empty); green holds part of prepare's own copy and no
+//!   subscription wrote anything: the re-run truncates it, drops the slot
+//!   (unused) and copies again: one slot, every row once;
+//! * after the copy, before or during post-data or `CREATE SUBSCRIPTION`
+//!   (one transaction with the marker): the data matches the slot as long
+//!   as nothing consumed it, so the re-run keeps it when the slot is still
+//!   at the consistent point the marker recorded, and copies again if not
+//!   ([`copy`]);
+//! * after: the subscription exists; a re-run follows the catch-up.
+//!
+//! Rows on green without a subscription where the marker says one existed
+//! (someone dropped it after replication wrote) are refused: a new copy
+//! would duplicate them.
 
+pub mod copy;
 mod display;
 pub mod objects;
 pub mod progress;
+mod report;
 pub mod roles;
 pub mod schema;
+pub mod snapshot;
 pub mod tools;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::{Config, Side};
@@ -53,6 +68,7 @@ use crate::replication::{self, ReplicationError};
 
 pub use display::Display;
 pub use progress::{progress, Phase, Progress};
+pub use report::{CopyFigures, Report, StepReport};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the copy's progress is read.
@@ -128,7 +144,7 @@ pub enum PrepareError {
     )]
     SubscriptionDisabled(String),
     #[error(
-        "the initial copy did not end within {timeout:?} ({progress}); it goes on in the servers: \
+        "green did not catch up within {timeout:?} ({progress}); it goes on in the servers: \
          re-run prepare to follow it"
     )]
     Timeout { timeout: Duration, progress: String },
@@ -145,103 +161,12 @@ impl PrepareError {
 pub struct Options {
     /// A folder searched first for pg_dump, pg_dumpall and psql.
     pub pg_bin: Option<PathBuf>,
-    /// How long to follow the initial copy; `None`: until it ends.
+    /// How long to follow the catch-up after the copy (the copy itself is
+    /// prepare's pg_dump | pg_restore, not bounded); `None`: until it ends.
     pub timeout: Option<Duration>,
     /// Set REPLICA IDENTITY FULL on blue's tables that have none (instead
     /// of refusing).
     pub replica_identity_full: bool,
-}
-
-/// One step's outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepReport {
-    pub step: &'static str,
-    /// Whether this run changed something for it.
-    pub changed: bool,
-    pub detail: String,
-}
-
-/// The initial copy as this run measured it (from `CREATE SUBSCRIPTION` to
-/// every table ready), when it created the subscription.
-#[derive(Debug, Clone, Serialize)]
-pub struct CopyFigures {
-    pub seconds: f64,
-    pub bytes: i64,
-    pub rows: i64,
-    pub bytes_per_second: f64,
-    pub rows_per_second: f64,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Report {
-    pub ok: bool,
-    /// Whether this run changed anything (false: the pair was prepared).
-    pub changed: bool,
-    pub steps: Vec<StepReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tools: Option<tools::Tools>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub roles: Option<roles::RolesOutcome>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub copy_settings: Option<objects::CopySettings>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub progress: Option<Progress>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub initial_copy: Option<CopyFigures>,
-    /// What prepare does not do and the operator should know.
-    pub notes: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Report {
-    fn step(&mut self, display: &mut Display, step: &'static str, changed: bool, detail: String) {
-        display.step(&format!(
-            "{:<9} {step:<12} {detail}",
-            if changed { "changed" } else { "unchanged" }
-        ));
-        self.changed |= changed;
-        self.steps.push(StepReport {
-            step,
-            changed,
-            detail,
-        });
-    }
-
-    /// The report for a terminal.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for s in &self.steps {
-            out.push_str(&format!(
-                "{:<9} {:<12} {}\n",
-                if s.changed { "changed" } else { "unchanged" },
-                s.step,
-                s.detail
-            ));
-        }
-        if let Some(p) = &self.progress {
-            out.push_str(&format!("copy      {}\n", p.line()));
-        }
-        if let Some(c) = &self.initial_copy {
-            out.push_str(&format!(
-                "initial copy: {:.1} s, {} rows, {} ({:.0} rows/s, {}/s)\n",
-                c.seconds,
-                c.rows,
-                progress::human_bytes(c.bytes as f64),
-                c.rows_per_second,
-                progress::human_bytes(c.bytes_per_second)
-            ));
-        }
-        for n in &self.notes {
-            out.push_str(&format!("note: {n}\n"));
-        }
-        match (&self.error, self.changed) {
-            (Some(e), _) => out.push_str(&format!("FAILED: {e}\n")),
-            (None, false) => out.push_str("nothing changed: green was already prepared\n"),
-            (None, true) => out.push_str("prepared: green replicates blue, every table ready\n"),
-        }
-        out
-    }
 }
 
 /// Runs prepare; the report says what was done, and the error if any.
@@ -309,6 +234,19 @@ async fn steps(
     let blue_target = tools::Target::new(Side::Blue, &config.backends.blue, database);
     let green_target = tools::Target::new(Side::Green, green_config, database);
 
+    // A killed run's programs may still be at work (an orphaned pg_restore
+    // writes on): end them before writing anything.
+    let ended = snapshot::end_leftovers(&blue, Side::Blue).await?
+        + snapshot::end_leftovers(&green_maintenance, Side::Green).await?;
+    if ended > 0 {
+        report.step(
+            display,
+            "leftovers",
+            true,
+            format!("ended {ended} session(s) of a killed run's pg_dump, pg_restore or psql"),
+        );
+    }
+
     // 1. Roles.
     let roles = roles::copy(
         &tools,
@@ -351,33 +289,44 @@ async fn steps(
         .await
         .map_err(PrepareError::Connect)?;
     let state = schema::green_state(Some(&green), subscription).await?;
-    if state.subscription {
+    let marker = if state.subscription {
         report.step(
             display,
             "schema",
             false,
             format!("subscription {subscription:?} exists: the schema was restored before"),
         );
-    } else if state.restored_by_prepare {
+        None
+    } else if let Some(marker) = state.marker {
         report.step(
             display,
             "schema",
             false,
             "restored by an earlier run".into(),
         );
+        Some(marker)
     } else if !state.user_objects.is_empty() {
         return Err(PrepareError::GreenNotEmpty {
             database: database.clone(),
             objects: state.user_objects,
         });
     } else {
-        let size = schema::restore(&tools, &blue_target, &green_target, database).await?;
+        let marker = schema::Marker::new(schema::Stage::PreData, false);
+        let size = schema::restore(
+            &tools,
+            &blue_target,
+            &green_target,
+            database,
+            schema::Section::PreData,
+            &marker,
+        )
+        .await?;
         report.step(
             display,
             "schema",
             true,
             format!(
-                "restored {} of pg_dump --schema-only (extensions: {})",
+                "restored {} of pg_dump --schema-only --section=pre-data (extensions: {})",
                 progress::human_bytes(size as f64),
                 if extensions.is_empty() {
                     "none".to_owned()
@@ -386,9 +335,10 @@ async fn steps(
                 }
             ),
         );
-    }
+        Some(marker)
+    };
 
-    // 3. Replica identity, publication, subscription.
+    // 3. Replica identity, publication.
     if !no_identity.is_empty() {
         objects::set_replica_identity_full(&blue, &no_identity).await?;
         report.step(
@@ -413,92 +363,48 @@ async fn steps(
             }
         ),
     );
-    let settings =
-        objects::copy_settings(&blue, &green, blue_version, green_version, publication).await?;
-    let mut copy_started = None;
-    match objects::subscription_enabled(&green, subscription).await? {
-        Some(true) => report.step(
+    let settings = objects::copy_settings(&blue, blue_version, green_version, publication).await?;
+
+    // 4. The copy and the subscription.
+    let mut times = None;
+    match (
+        objects::subscription_enabled(&green, subscription).await?,
+        marker,
+    ) {
+        (Some(true), _) => report.step(
             display,
             "subscription",
             false,
             format!("{subscription:?} on green exists"),
         ),
-        Some(false) => return Err(PrepareError::SubscriptionDisabled(subscription.clone())),
-        None => {
-            let with_rows = objects::green_tables_with_rows(&green).await?;
-            if !with_rows.is_empty() {
-                return Err(PrepareError::GreenHasRows {
-                    subscription: subscription.clone(),
-                    tables: with_rows,
-                });
-            }
-            let slot = config.replication.slot();
-            let dropped = objects::drop_orphaned_slots(&blue, &green, slot).await?;
-            if !dropped.is_empty() {
-                report.step(
-                    display,
-                    "slots",
-                    true,
-                    format!(
-                        "dropped slots on blue left by an earlier run: {}",
-                        dropped.join(", ")
-                    ),
-                );
-            }
-            let conninfo = replication::conninfo(
-                &config.backends.blue,
-                database,
-                config.replication.password_in_catalog,
-            );
-            let started = Instant::now();
-            objects::create_subscription(
-                &green,
-                subscription,
-                &conninfo,
-                publication,
-                slot,
-                settings.binary,
-            )
-            .await?;
-            copy_started = Some(started);
-            report.step(
-                display,
-                "subscription",
-                true,
-                format!(
-                    "{subscription:?} on green created (slot {slot:?} on blue, binary = {}{})",
-                    settings.binary,
-                    if config.replication.password_in_catalog {
-                        ""
-                    } else {
-                        ", no password in the catalog"
-                    }
-                ),
-            );
+        (Some(false), _) => return Err(PrepareError::SubscriptionDisabled(subscription.clone())),
+        (None, marker) => {
+            // No subscription, no marker: a subscription was there when
+            // green's state was read and is gone now.
+            let marker = marker.unwrap_or(schema::Marker::new(schema::Stage::Subscribed, true));
+            let cx = copy::Context {
+                config,
+                tools: &tools,
+                blue: &blue,
+                green: &green,
+                blue_target: &blue_target,
+                green_target: &green_target,
+                binary: settings.binary,
+            };
+            times = copy::run(&cx, marker, report, display).await?;
         }
     }
     report.notes.push(format!(
         "binary = {}: {}",
         settings.binary, settings.binary_reason
     ));
-    report.notes.push(format!(
-        "green copies {} table(s) with up to max_sync_workers_per_subscription = {} workers at a \
-         time (max_logical_replication_workers = {}); prepare leaves the setting as it is",
-        settings.tables,
-        settings.max_sync_workers_per_subscription,
-        settings.max_logical_replication_workers
-    ));
     report.copy_settings = Some(settings);
 
-    // 4. Follow the copy.
+    // 5. Follow the catch-up.
     let followed = Instant::now();
-    let mut copied_at = None;
     let last = loop {
         let p = progress(config, &blue, &green).await?;
         display.progress(&p);
-        if copied_at.is_none() && p.tables_ready == p.tables_total {
-            copied_at = Some((Instant::now(), p.bytes_total, p.rows_total));
-        }
         match p.phase {
             Phase::Ready => break p,
             Phase::Disabled => {
@@ -516,8 +422,9 @@ async fn steps(
         }
         tokio::time::sleep(POLL).await;
     };
-    if let (Some(started), Some((at, bytes, mut rows))) = (copy_started, copied_at) {
-        let seconds = at.duration_since(started).as_secs_f64().max(1e-3);
+    if let Some((started, copied)) = times {
+        let seconds = copied.duration_since(started).as_secs_f64().max(1e-3);
+        let (bytes, mut rows) = (last.bytes_total, last.rows_total);
         // Tables never analyzed on blue have no estimate: count them.
         for t in last.tables.iter().filter(|t| t.rows_total.is_none()) {
             let q = format!("SELECT count(*) FROM ONLY {}", t.table);
@@ -538,8 +445,8 @@ async fn steps(
     }
     report.step(
         display,
-        "copy",
-        copy_started.is_some(),
+        "catch-up",
+        times.is_some(),
         format!(
             "{} table(s) ready, lag {}",
             last.tables_total,

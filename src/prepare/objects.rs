@@ -9,16 +9,11 @@
 //!   when the publisher is 16+ too (a 16+ subscriber asks for `COPY ..
 //!   (FORMAT binary)` only then): from blue 15 it stays text whatever
 //!   `binary` says; the report says which.
-//! * Parallel table sync: each table is copied by one tablesync worker, up
-//!   to `max_sync_workers_per_subscription` (green's setting, 2 by default)
-//!   at a time. Prepare reports it and does not raise it: it is green's
-//!   server configuration (`ALTER SYSTEM`, bounded by
-//!   `max_logical_replication_workers` and `max_worker_processes`, which
-//!   need a restart), one large table is copied by one worker whatever the
-//!   setting, and each worker is a COPY on blue and one on green competing
-//!   for the same cores (2 workers already keep 2 cores busy).
-//! * The slot is `[replication] slot` (default: the subscription's name),
-//!   created by `CREATE SUBSCRIPTION` itself.
+//!   Since prepare copies the data itself ([`super::copy`]), `binary` is
+//!   about the apply stream only.
+//! * `copy_data = false`, `create_slot = false`: the slot is `[replication]
+//!   slot` (default: the subscription's name), created by prepare with the
+//!   snapshot the data was copied at ([`super::snapshot`]).
 
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -195,25 +190,18 @@ pub async fn drop_orphaned_slots(
     Ok(dropped)
 }
 
-/// How the subscription is made fast, as reported.
+/// How the subscription is set up, as reported.
 #[derive(Debug, Clone, Serialize)]
 pub struct CopySettings {
     pub binary: bool,
-    /// Whether the initial COPY itself is binary (publisher and subscriber 16+).
-    pub binary_initial_copy: bool,
     pub binary_reason: String,
-    /// Green's `max_sync_workers_per_subscription`.
-    pub max_sync_workers_per_subscription: i64,
-    /// Green's `max_logical_replication_workers`.
-    pub max_logical_replication_workers: i64,
-    /// Tables the subscription copies.
+    /// Tables the publication holds.
     pub tables: i64,
 }
 
-/// Decides `binary` and reads the sync worker settings.
+/// Decides `binary` (of the apply stream).
 pub async fn copy_settings(
     blue: &Client,
-    green: &Client,
     blue_version: i32,
     green_version: i32,
     publication: &str,
@@ -236,15 +224,6 @@ pub async fn copy_settings(
         .map_err(sql(Side::Blue, step))?;
     let tables: i64 = row.try_get(0).map_err(sql(Side::Blue, step))?;
     let text_only: String = row.try_get(1).map_err(sql(Side::Blue, step))?;
-    let setting = |name: &'static str| async move {
-        let row = green
-            .query_one("SELECT current_setting($1)::int8", &[&name])
-            .await
-            .map_err(sql(Side::Green, step))?;
-        row.try_get::<_, i64>(0).map_err(sql(Side::Green, step))
-    };
-    let max_sync = setting("max_sync_workers_per_subscription").await?;
-    let max_workers = setting("max_logical_replication_workers").await?;
     let (binary, reason) = if blue_version < 140000 || green_version < 140000 {
         (
             false,
@@ -255,57 +234,62 @@ pub async fn copy_settings(
             false,
             format!("column types without binary I/O: {text_only}"),
         )
-    } else if blue_version < 160000 || green_version < 160000 {
+    } else {
         (
             true,
-            "binary apply stream; the initial COPY stays text (binary COPY needs 16+ on both sides)"
+            "binary apply stream (the initial copy is pg_dump's, not the subscription's)"
                 .to_owned(),
         )
-    } else {
-        (true, "binary apply stream and initial COPY".to_owned())
     };
     Ok(CopySettings {
         binary,
-        binary_initial_copy: binary && blue_version >= 160000 && green_version >= 160000,
         binary_reason: reason,
-        max_sync_workers_per_subscription: max_sync,
-        max_logical_replication_workers: max_workers,
         tables,
     })
 }
 
-/// `CREATE SUBSCRIPTION` on green (it creates the slot on blue and starts
-/// the initial copy), then records the start time in its comment (read by
-/// [`super::progress`] for the rate).
+/// What [`create_subscription`] creates.
+pub struct NewSubscription<'a> {
+    pub name: &'a str,
+    pub conninfo: &'a str,
+    pub publication: &'a str,
+    /// The slot prepare created on blue for the copy.
+    pub slot: &'a str,
+    pub binary: bool,
+    /// When the copy started (unix ms), kept in the subscription's comment
+    /// for [`super::progress`]'s rate.
+    pub started_ms: u64,
+    /// Green's database and the marker written with the subscription.
+    pub database: &'a str,
+    pub marker: &'a super::schema::Marker,
+}
+
+/// `CREATE SUBSCRIPTION` on green over the slot prepare created, without a
+/// copy of its own (prepare copied the data as of the slot's consistent
+/// point, where the subscription starts), in one transaction with its
+/// comment and the marker: a re-run never finds a subscription green's
+/// marker does not know of. (Without `create_slot` the command may run in
+/// a transaction block.)
 pub async fn create_subscription(
     green: &Client,
-    name: &str,
-    conninfo: &str,
-    publication: &str,
-    slot: &str,
-    binary: bool,
+    s: &NewSubscription<'_>,
 ) -> Result<(), PrepareError> {
     let step = "create the subscription on green";
     green
         .batch_execute(&format!(
-            "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} \
-             WITH (slot_name = {}, create_slot = true, copy_data = true, binary = {binary})",
-            ident(name),
-            literal(conninfo),
-            ident(publication),
-            literal(slot)
-        ))
-        .await
-        .map_err(sql(Side::Green, step))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    green
-        .batch_execute(&format!(
-            "COMMENT ON SUBSCRIPTION {} IS {}",
-            ident(name),
-            literal(&format!("{} {now}", super::progress::STARTED))
+            "BEGIN; \
+             CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} \
+             WITH (slot_name = {}, create_slot = false, copy_data = false, enabled = true, \
+                   binary = {}); \
+             COMMENT ON SUBSCRIPTION {} IS {}; {} COMMIT",
+            ident(s.name),
+            literal(s.conninfo),
+            ident(s.publication),
+            literal(s.slot),
+            s.binary,
+            ident(s.name),
+            literal(&format!("{} {}", super::progress::STARTED, s.started_ms)),
+            s.marker.statement(s.database)
         ))
         .await
         .map_err(sql(Side::Green, step))?;

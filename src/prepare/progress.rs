@@ -1,9 +1,20 @@
-//! Step 4: the initial copy, followed to its end. [`progress`] computes
-//! every figure from the servers alone (no state in pgswitch), so that
-//! `pgswitch prepare`, its `--json` and the admin API's `GET /prepare` show
-//! the same:
+//! The initial copy, followed to its end. [`progress`] computes every
+//! figure from the servers alone (no state in pgswitch), so that `pgswitch
+//! prepare`, its `--json` and the admin API's `GET /prepare` show the same.
 //!
-//! * per table, its state in `pg_subscription_rel` on green;
+//! While prepare copies the data (green's marker says `copying`, no
+//! subscription yet), per table of blue's publication: `copying` while
+//! pg_restore's COPY into it shows in `pg_stat_progress_copy` on green,
+//! `copied` once its heap on green has rows and no COPY runs (every table
+//! once the marker says `data copied`), `pending` before; bytes and rows as
+//! below, the rate since the marker's start. The phase is `interrupted`
+//! when no session of prepare's programs is on green (a killed run; a
+//! re-run starts the copy over).
+//!
+//! Once the subscription exists:
+//!
+//! * per table, its state in `pg_subscription_rel` on green (`ready` from
+//!   the start: prepare copied the data, `copy_data = false`);
 //! * bytes: of the total, blue's heap size of each published table
 //!   (`pg_relation_size`); copied, the full size of the tables past the
 //!   copy, and for a table being copied the size its heap on green has
@@ -24,6 +35,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::schema::{read_marker, Stage};
 use super::{PrepareError, Side};
 use crate::config::Config;
 use crate::replication::{self, ReplicationError};
@@ -38,8 +50,11 @@ pub enum Phase {
     NotPrepared,
     /// The subscription exists but is disabled (a cutover disables it).
     Disabled,
-    /// Some tables are not ready.
+    /// Some tables are not ready (prepare's data copy runs).
     Copying,
+    /// The copy's marker is on green, no subscription, and no session of
+    /// prepare's programs: a killed run (a re-run copies again).
+    Interrupted,
     /// Every table is ready, the lag is over the limit.
     CatchingUp,
     Ready,
@@ -51,6 +66,7 @@ impl Phase {
             Phase::NotPrepared => "not_prepared",
             Phase::Disabled => "disabled",
             Phase::Copying => "copying",
+            Phase::Interrupted => "interrupted",
             Phase::CatchingUp => "catching_up",
             Phase::Ready => "ready",
         }
@@ -60,6 +76,7 @@ impl Phase {
 #[derive(Debug, Clone, Serialize)]
 pub struct TableProgress {
     pub table: String,
+    /// During prepare's copy: pending, copying, copied; then
     /// `pg_subscription_rel.srsubstate`, spelled out: init, data_copy,
     /// finished_copy, synced, ready.
     pub state: &'static str,
@@ -92,7 +109,7 @@ pub struct Progress {
     pub eta_seconds: Option<f64>,
     pub lag_bytes: Option<u64>,
     pub max_lag_bytes: u64,
-    /// Tablesync workers running now.
+    /// Tablesync workers running now (during prepare's copy: its COPYs).
     pub sync_workers: i64,
     pub tables: Vec<TableProgress>,
 }
@@ -156,7 +173,7 @@ pub async fn progress(
         tables: Vec::new(),
     };
     let Some(sub) = sub else {
-        return Ok(p);
+        return copy_progress(config, blue, green, p).await;
     };
     let enabled: bool = sub.try_get(0).map_err(sql(Side::Green, step))?;
     let comment: Option<String> = sub.try_get(1).map_err(sql(Side::Green, step))?;
@@ -168,18 +185,9 @@ pub async fn progress(
         .and_then(|t| t.trim().parse::<f64>().ok());
     p.elapsed_seconds = started_ms.map(|ms| (now - ms / 1000.0).max(0.0));
 
-    let blue_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&r.publication];
     let green_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&r.subscription];
-    let (blue_rows, green_rows) = tokio::join!(
-        blue.query(
-            "SELECT format('%I.%I', n.nspname, c.relname), pg_catalog.pg_relation_size(c.oid), \
-                    c.reltuples::int8 \
-               FROM pg_catalog.pg_publication_tables pt \
-               JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
-               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
-              WHERE pt.pubname = $1",
-            &blue_params,
-        ),
+    let (totals, green_rows) = tokio::join!(
+        blue_totals(blue, &r.publication),
         green.query(
             "SELECT format('%I.%I', n.nspname, c.relname), rel.srsubstate::text, \
                     pg_catalog.pg_relation_size(c.oid), \
@@ -195,13 +203,7 @@ pub async fn progress(
             &green_params,
         )
     );
-    let mut totals: HashMap<String, (i64, i64)> = HashMap::new();
-    for row in blue_rows.map_err(sql(Side::Blue, step))? {
-        let name: String = row.try_get(0).map_err(sql(Side::Blue, step))?;
-        let bytes: i64 = row.try_get(1).map_err(sql(Side::Blue, step))?;
-        let rows: i64 = row.try_get(2).map_err(sql(Side::Blue, step))?;
-        totals.insert(name, (bytes, rows));
-    }
+    let totals = totals?;
     for row in green_rows.map_err(sql(Side::Green, step))? {
         let table: String = row.try_get(0).map_err(sql(Side::Green, step))?;
         let state: String = row.try_get(1).map_err(sql(Side::Green, step))?;
@@ -233,6 +235,134 @@ pub async fn progress(
             rows_total,
         });
     }
+    finish(config, blue, p, enabled).await
+}
+
+/// Blue's published tables: heap bytes and `reltuples` by name.
+async fn blue_totals(
+    blue: &Client,
+    publication: &str,
+) -> Result<HashMap<String, (i64, i64)>, PrepareError> {
+    let step = "copy progress";
+    let rows = blue
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), pg_catalog.pg_relation_size(c.oid), \
+                    c.reltuples::int8 \
+               FROM pg_catalog.pg_publication_tables pt \
+               JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
+               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+              WHERE pt.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql(Side::Blue, step))?;
+    let mut totals = HashMap::new();
+    for row in rows {
+        let name: String = row.try_get(0).map_err(sql(Side::Blue, step))?;
+        let bytes: i64 = row.try_get(1).map_err(sql(Side::Blue, step))?;
+        let rows: i64 = row.try_get(2).map_err(sql(Side::Blue, step))?;
+        totals.insert(name, (bytes, rows));
+    }
+    Ok(totals)
+}
+
+/// The progress of prepare's own data copy (no subscription yet).
+async fn copy_progress(
+    config: &Config,
+    blue: &Client,
+    green: &Client,
+    mut p: Progress,
+) -> Result<Progress, PrepareError> {
+    let step = "copy progress";
+    let Some(marker) = read_marker(green).await? else {
+        return Ok(p);
+    };
+    if !matches!(
+        marker.stage,
+        Stage::Copying | Stage::DataCopied | Stage::PostData
+    ) {
+        return Ok(p);
+    }
+    let all_copied = marker.stage != Stage::Copying;
+    let (totals, green_rows) = tokio::join!(
+        blue_totals(blue, &config.replication.publication),
+        green.query(
+            "SELECT format('%I.%I', n.nspname, c.relname), pg_catalog.pg_relation_size(c.oid), \
+                    (SELECT max(pc.tuples_processed) FROM pg_catalog.pg_stat_progress_copy pc \
+                      WHERE pc.relid = c.oid), \
+                    extract(epoch FROM clock_timestamp())::float8, \
+                    (SELECT count(*) FROM pg_catalog.pg_stat_activity a \
+                      WHERE a.application_name = $1 AND a.datname = current_database()) \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.relkind = 'r'",
+            &[&super::tools::APPLICATION_NAME],
+        )
+    );
+    let totals = totals?;
+    let mut on_green: HashMap<String, (i64, Option<i64>)> = HashMap::new();
+    let (mut now, mut sessions) = (0.0, 0);
+    for row in green_rows.map_err(sql(Side::Green, step))? {
+        let table: String = row.try_get(0).map_err(sql(Side::Green, step))?;
+        let bytes: i64 = row.try_get(1).map_err(sql(Side::Green, step))?;
+        let copying: Option<i64> = row.try_get(2).map_err(sql(Side::Green, step))?;
+        now = row.try_get(3).map_err(sql(Side::Green, step))?;
+        sessions = row.try_get(4).map_err(sql(Side::Green, step))?;
+        on_green.insert(table, (bytes, copying));
+    }
+    let mut names: Vec<&String> = totals.keys().collect();
+    names.sort();
+    for table in names {
+        let (bytes_total, rows_total) = totals.get(table).copied().unwrap_or((0, -1));
+        let rows_total = (rows_total >= 0).then_some(rows_total);
+        let (green_bytes, copying) = on_green.get(table).copied().unwrap_or((0, None));
+        let (state, bytes_copied, rows_copied) = match copying {
+            Some(rows) if !all_copied => ("copying", green_bytes.min(bytes_total), Some(rows)),
+            _ if all_copied || green_bytes > 0 => ("copied", bytes_total, rows_total),
+            _ => ("pending", 0, Some(0)),
+        };
+        match state {
+            "copied" => p.tables_ready += 1,
+            "copying" => p.tables_copying += 1,
+            _ => {}
+        }
+        p.bytes_total += bytes_total;
+        p.bytes_copied += bytes_copied;
+        p.rows_total += rows_total.unwrap_or(0);
+        p.rows_copied += rows_copied.unwrap_or(0);
+        p.tables.push(TableProgress {
+            table: table.clone(),
+            state,
+            bytes_copied,
+            bytes_total,
+            rows_copied,
+            rows_total,
+        });
+    }
+    p.sync_workers = p.tables_copying as i64;
+    p.elapsed_seconds = marker
+        .since_ms
+        .map(|ms| (now - ms as f64 / 1000.0).max(0.0));
+    let mut p = finish(config, blue, p, true).await?;
+    // Ten seconds of grace: pg_restore connects once pg_dump has read
+    // blue's catalog.
+    p.phase = if sessions == 0 && p.elapsed_seconds.is_some_and(|e| e > 10.0) {
+        Phase::Interrupted
+    } else {
+        Phase::Copying
+    };
+    p.done = false;
+    Ok(p)
+}
+
+/// Percent, rate, time left, lag and phase, from the tables' figures.
+async fn finish(
+    config: &Config,
+    blue: &Client,
+    mut p: Progress,
+    enabled: bool,
+) -> Result<Progress, PrepareError> {
+    let r = &config.replication;
     p.tables_total = p.tables.len();
     p.percent = if p.bytes_total > 0 {
         (100.0 * p.bytes_copied as f64 / p.bytes_total as f64).min(100.0)

@@ -1,8 +1,10 @@
 //! Finding and running the PostgreSQL client programs prepare needs:
 //! `pg_dump` and `pg_dumpall` (the newest whose major version is at least
 //! blue's server version: an older pg_dump refuses a newer server, a newer
-//! one dumps what the restore on green understands), and `psql` to restore
-//! (the dumps hold psql meta-commands, `\restrict` since 15.14/17.6).
+//! one dumps what the restore on green understands), `pg_restore` beside
+//! them for the data, and `psql` to restore the schema (the dumps hold psql
+//! meta-commands, `\restrict` since 15.14/17.6) and to hold the slot's
+//! exported snapshot ([`super::copy`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,6 +20,7 @@ use crate::config::{BackendConfig, ServerTlsMode, Side};
 pub struct Tools {
     pub pg_dump: PathBuf,
     pub pg_dumpall: PathBuf,
+    pub pg_restore: PathBuf,
     pub psql: PathBuf,
     /// Major version of pg_dump and pg_dumpall (the same folder).
     pub dump_major: u32,
@@ -64,7 +67,7 @@ fn parse_major(version: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// The newest pg_dump (with a pg_dumpall beside it) of major version at
+/// The newest pg_dump (with a pg_dumpall and a pg_restore beside it) of major version at
 /// least `server_major`, and a psql (beside it when there is one).
 pub async fn find(pg_bin: Option<&Path>, server_major: u32) -> Result<Tools, PrepareError> {
     let mut best: Option<(u32, PathBuf)> = None;
@@ -72,7 +75,10 @@ pub async fn find(pg_bin: Option<&Path>, server_major: u32) -> Result<Tools, Pre
     let dirs = candidate_dirs(pg_bin);
     for dir in &dirs {
         let pg_dump = dir.join("pg_dump");
-        if !pg_dump.is_file() || !dir.join("pg_dumpall").is_file() {
+        if !pg_dump.is_file()
+            || !dir.join("pg_dumpall").is_file()
+            || !dir.join("pg_restore").is_file()
+        {
             continue;
         }
         let Some(major) = major_version(&pg_dump).await else {
@@ -101,10 +107,17 @@ pub async fn find(pg_bin: Option<&Path>, server_major: u32) -> Result<Tools, Pre
     Ok(Tools {
         pg_dump: dir.join("pg_dump"),
         pg_dumpall: dir.join("pg_dumpall"),
+        pg_restore: dir.join("pg_restore"),
         psql,
         dump_major,
     })
 }
+
+/// The `application_name` of every session prepare's programs open: a
+/// re-run ends those a killed run left behind ([`super::copy::end_leftovers`])
+/// before it writes, so that an orphaned pg_restore cannot go on writing
+/// into tables the re-run has truncated.
+pub const APPLICATION_NAME: &str = "pgswitch prepare";
 
 /// How a program reaches one side: libpq's environment variables, so that
 /// no password appears in a command line (`ps` shows those to everyone).
@@ -123,7 +136,7 @@ impl Target {
             ("PGUSER", user),
             ("PGDATABASE", database.to_owned()),
             ("PGSSLMODE", backend.server_tls.to_string()),
-            ("PGAPPNAME", crate::replication::APPLICATION_NAME.to_owned()),
+            ("PGAPPNAME", APPLICATION_NAME.to_owned()),
             ("PGCONNECT_TIMEOUT", "10".to_owned()),
             ("PGOPTIONS", "-c synchronous_commit=on".to_owned()),
         ];
@@ -137,6 +150,53 @@ impl Target {
         }
         Target { side, env }
     }
+
+    /// The same with `-c setting=value` added to the session's options.
+    pub fn with_option(&self, setting: &str, value: &str) -> Target {
+        let mut t = self.clone();
+        for (k, v) in &mut t.env {
+            if *k == "PGOPTIONS" {
+                v.push_str(&format!(" -c {setting}={value}"));
+            }
+        }
+        t
+    }
+
+    /// A `Command` for `program` reaching this side (environment only).
+    pub fn command(&self, program: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.env_remove("PGSERVICE")
+            .env_remove("PGPASSWORD")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+/// A libpq connection string naming only the database (the rest comes from
+/// the environment), so that a database name with `=` or spaces is not
+/// taken for a connection string of its own.
+pub fn dbname_conninfo(database: &str) -> String {
+    format!(
+        "dbname='{}'",
+        database.replace('\\', "\\\\").replace('\'', "\\'")
+    )
+}
+
+/// The name of a program, for errors.
+pub fn program_name(program: &Path) -> String {
+    program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The last lines of a program's stderr, passwords redacted.
+pub fn stderr_tail(stderr: &[u8]) -> String {
+    let stderr = String::from_utf8_lossy(stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(12).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    crate::logging::redact(&tail.join("\n")).into_owned()
 }
 
 /// Runs `script` with psql on `target` in one transaction that stops at
@@ -168,23 +228,16 @@ pub async fn run(
     target: &Target,
     input: Option<&[u8]>,
 ) -> Result<Vec<u8>, PrepareError> {
-    let name = program
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut cmd = tokio::process::Command::new(program);
+    let name = program_name(program);
+    let mut cmd = target.command(program);
     cmd.args(args)
-        .env_remove("PGSERVICE")
-        .env_remove("PGPASSWORD")
-        .envs(target.env.iter().map(|(k, v)| (k, v)))
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     let failed = |message: String| PrepareError::Tool {
         tool: name.clone(),
         side: target.side,
@@ -207,13 +260,10 @@ pub async fn run(
     if out.status.success() {
         return Ok(out.stdout);
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = stderr.lines().rev().take(12).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
     Err(failed(format!(
         "{}: {}",
         out.status,
-        crate::logging::redact(&tail.join("\n"))
+        stderr_tail(&out.stderr)
     )))
 }
 
@@ -227,5 +277,11 @@ mod tests {
         );
         assert_eq!(super::parse_major("psql (PostgreSQL) 17.2\n"), Some(17));
         assert_eq!(super::parse_major("garbage"), None);
+    }
+
+    #[test]
+    fn quotes_the_database_name() {
+        assert_eq!(super::dbname_conninfo("app"), "dbname='app'");
+        assert_eq!(super::dbname_conninfo(r"a'b\c"), r"dbname='a\'b\\c'");
     }
 }
