@@ -4,7 +4,8 @@
 # for apt. Run it once before `cargo nextest run`; .ci/run calls it.
 #
 #   Debian:  PostgreSQL 15 server and client tools (psql, pgbench), pgjdbc
-#            (libpostgresql-jdbc-java), Java, Node.js and npm
+#            (libpostgresql-jdbc-java), Java, Node.js and npm, promtool
+#            (prometheus; tests/deploy.rs checks deploy/prometheus with it)
 #   PyPI:    tests/drivers/python/requirements.txt (psycopg 3, asyncpg, psycopg2)
 #   npm:     tests/drivers/node/package-lock.json (pg, pg-copy-streams, postgres)
 #   PostgreSQL 17 (scripts/install-pg17.sh), cargo-nextest
@@ -24,6 +25,7 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
@@ -36,6 +38,7 @@ id postgres >/dev/null 2>&1 || { echo "no 'postgres' OS user" >&2; exit 1; }
 "$PG15_BIN/psql" --version
 java -version 2>&1 | head -n1
 ls /usr/share/java/postgresql-[0-9]*.jar
+promtool --version 2>&1 | head -n1
 
 step "Python drivers"
 python3 -m pip install --quiet -r tests/drivers/python/requirements.txt

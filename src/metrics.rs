@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use crate::statements::RegistryStats;
 
@@ -63,6 +64,9 @@ pub struct Metrics {
     prepared_statements_evicted: Counter,
     prepared_statements_refused: Counter,
     backend_up: Family<BackendLabels, Gauge>,
+    fenced: Family<BackendLabels, Gauge>,
+    last_switch_timestamp: Family<BackendLabels, Gauge<f64, AtomicU64>>,
+    fallback_window_seconds: Gauge<f64, AtomicU64>,
 }
 
 /// The live state a scrape reports as gauges.
@@ -77,6 +81,14 @@ pub struct Snapshot {
     pub statements: RegistryStats,
     /// (backend, reachable) of the backends whose reachability is known.
     pub backends_up: Vec<(&'static str, bool)>,
+    /// (backend, fenced) for each configured backend: whether the state
+    /// file records pgswitch's fence on it.
+    pub fenced: Vec<(&'static str, bool)>,
+    /// The last committed switch, if any: the backend it made active and
+    /// its Unix time in milliseconds.
+    pub last_switch: Option<(&'static str, u64)>,
+    /// `[cutover] fallback_window`.
+    pub fallback_window: std::time::Duration,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -110,6 +122,9 @@ impl Metrics {
         let prepared_statements_evicted = Counter::default();
         let prepared_statements_refused = Counter::default();
         let backend_up = Family::<BackendLabels, Gauge>::default();
+        let fenced = Family::<BackendLabels, Gauge>::default();
+        let last_switch_timestamp = Family::<BackendLabels, Gauge<f64, AtomicU64>>::default();
+        let fallback_window_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "transactions",
             "Transactions completed (ReadyForQuery idle)",
@@ -181,6 +196,23 @@ impl Metrics {
             "1 when the backend's last connection or probe reached it, else 0",
             backend_up.clone(),
         );
+        registry.register(
+            "fenced",
+            "1 while the state file records pgswitch's fence on the backend (the old side after a \
+             switch, until the next switch or decommission lifts it), else 0",
+            fenced.clone(),
+        );
+        registry.register(
+            "last_switch_timestamp_seconds",
+            "Unix time of the last committed cutover or fallback, by the backend it made active \
+             (absent before the first)",
+            last_switch_timestamp.clone(),
+        );
+        registry.register(
+            "fallback_window_seconds",
+            "[cutover] fallback_window: how long after a switch decommission refuses",
+            fallback_window_seconds.clone(),
+        );
         Metrics {
             registry,
             transactions,
@@ -198,6 +230,9 @@ impl Metrics {
             prepared_statements_evicted,
             prepared_statements_refused,
             backend_up,
+            fenced,
+            last_switch_timestamp,
+            fallback_window_seconds,
         }
     }
 
@@ -245,6 +280,20 @@ impl Metrics {
                 .get_or_create(&BackendLabels { backend })
                 .set(i64::from(up));
         }
+        for &(backend, fenced) in &snapshot.fenced {
+            self.fenced
+                .get_or_create(&BackendLabels { backend })
+                .set(i64::from(fenced));
+        }
+        // One series at most: the switch that made the current side active.
+        self.last_switch_timestamp.clear();
+        if let Some((backend, ms)) = snapshot.last_switch {
+            self.last_switch_timestamp
+                .get_or_create(&BackendLabels { backend })
+                .set(ms as f64 / 1000.0);
+        }
+        self.fallback_window_seconds
+            .set(snapshot.fallback_window.as_secs_f64());
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -273,6 +322,9 @@ mod tests {
                 refused: 1,
             },
             backends_up: vec![("blue", true), ("green", false)],
+            fenced: vec![("blue", true), ("green", false)],
+            last_switch: Some(("green", 1_700_000_000_500)),
+            fallback_window: std::time::Duration::from_secs(86400),
         });
         assert!(text.contains("pgswitch_transactions_total 1"), "{text}");
         assert!(
@@ -297,6 +349,31 @@ mod tests {
         }
         assert!(
             text.contains("pgswitch_backend_up{backend=\"green\"} 0"),
+            "{text}"
+        );
+        for line in [
+            "pgswitch_fenced{backend=\"blue\"} 1",
+            "pgswitch_fenced{backend=\"green\"} 0",
+            "pgswitch_last_switch_timestamp_seconds{backend=\"green\"} 1700000000.5",
+            "pgswitch_fallback_window_seconds 86400.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}: {text}");
+        }
+    }
+
+    #[test]
+    fn last_switch_is_absent_before_the_first_switch() {
+        let m = Metrics::new();
+        let text = m.render(&Snapshot::default());
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("pgswitch_last_switch_timestamp_seconds")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "pgswitch_fallback_window_seconds 0.0"),
             "{text}"
         );
     }

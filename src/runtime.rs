@@ -64,6 +64,17 @@ impl Runtime {
             )));
         }
         let data = DataPlane::new(config, persisted.active)?;
+        // Every outcome's series exists from the start, at 0, so that an
+        // alert on increase(pgswitch_cutovers_total{outcome="aborted"}[...])
+        // fires on the first abort too.
+        for outcome in crate::cutover::report::Outcome::ALL {
+            let _ = data
+                .metrics
+                .cutovers
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: outcome.as_str(),
+                });
+        }
         Ok(Runtime {
             data,
             cutover: Arc::new(Controller::new(persisted, state_file)),

@@ -182,7 +182,7 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
             }
         }
         (&Method::GET, "/metrics") => {
-            let body = app.data.metrics.render(&views::metrics_snapshot(&app.data));
+            let body = app.data.metrics.render(&views::metrics_snapshot(app));
             Response::builder()
                 .status(StatusCode::OK)
                 .header(

@@ -16,10 +16,14 @@ fn all_pools(data: &DataPlane) -> impl Iterator<Item = (Side, Arc<Pool>)> + '_ {
 }
 
 /// The gauges /metrics computes at scrape time.
-pub fn metrics_snapshot(data: &DataPlane) -> Snapshot {
+pub fn metrics_snapshot(app: &AdminState) -> Snapshot {
+    let data = &app.data;
+    let state = app.cutover.persisted();
     let mut snapshot = Snapshot {
         clients_total: data.client_count(),
         statements: data.statements.stats(),
+        last_switch: state.switched_at_ms.map(|ms| (state.active.as_str(), ms)),
+        fallback_window: data.config().cutover.fallback_window,
         ..Snapshot::default()
     };
     for backend in data.backends.iter() {
@@ -32,6 +36,10 @@ pub fn metrics_snapshot(data: &DataPlane) -> Snapshot {
         }
         snapshot.clients_active += active;
         snapshot.servers.push((backend.side.as_str(), active, idle));
+        let side = backend.side.as_str();
+        snapshot
+            .fenced
+            .push((side, state.fences.contains_key(side)));
         if let Some(up) = backend.addr.reachability.reachable() {
             snapshot.backends_up.push((backend.side.as_str(), up));
         }

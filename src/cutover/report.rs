@@ -18,6 +18,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Switched,
+        Outcome::Aborted,
+        Outcome::Refused,
+        Outcome::DryRun,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Switched => "switched",
