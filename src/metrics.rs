@@ -39,7 +39,30 @@ pub struct ErrorLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
+    /// "cutover" or "fallback".
+    pub kind: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// The publisher of the live direction: "blue" (forward) or "green".
+    pub from: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// "accepted" (logged in) or "refused".
+    pub outcome: &'static str,
+    /// Why a connection was refused ("" when accepted).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,7 +79,13 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub cutovers: Family<OutcomeLabels, Counter>,
     pub cutover_phase_seconds: Family<PhaseLabels, Histogram>,
-    pub replication_lag_bytes: Gauge,
+    /// Absent while no replication is measured.
+    pub replication_lag_bytes: Family<DirectionLabels, Gauge>,
+    pub replication_lag_seconds: Family<DirectionLabels, Gauge<f64, AtomicU64>>,
+    pub connections: Family<ConnectionLabels, Counter>,
+    /// Waits for a free server connection (pool slot), when there was one.
+    pub server_wait_seconds: Histogram,
+    active_backend: Family<BackendLabels, Gauge>,
     clients: Family<ClientLabels, Gauge>,
     server_connections: Family<ServerLabels, Gauge>,
     prepared_statements: Gauge,
@@ -89,6 +118,9 @@ pub struct Snapshot {
     pub last_switch: Option<(&'static str, u64)>,
     /// `[cutover] fallback_window`.
     pub fallback_window: std::time::Duration,
+    /// The active backend, and every configured one.
+    pub active: &'static str,
+    pub backends: Vec<&'static str>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -114,7 +146,17 @@ impl Metrics {
         let cutover_phase_seconds = Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
         });
-        let replication_lag_bytes = Gauge::default();
+        let replication_lag_bytes = Family::<DirectionLabels, Gauge>::default();
+        let replication_lag_seconds = Family::<DirectionLabels, Gauge<f64, AtomicU64>>::default();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        let server_wait_seconds = Histogram::new(latency_buckets());
+        let active_backend = Family::<BackendLabels, Gauge>::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
         let clients = Family::<ClientLabels, Gauge>::default();
         let server_connections = Family::<ServerLabels, Gauge>::default();
         let prepared_statements = Gauge::default();
@@ -152,7 +194,7 @@ impl Metrics {
         );
         registry.register(
             "cutovers",
-            "Cutovers and fallbacks by outcome",
+            "Cutovers and fallbacks by kind, from, to and outcome",
             cutovers.clone(),
         );
         registry.register(
@@ -162,8 +204,33 @@ impl Metrics {
         );
         registry.register(
             "replication_lag_bytes",
-            "WAL bytes the target of a cutover has not yet applied",
+            "WAL bytes of the live direction's publisher its subscriber has not applied yet",
             replication_lag_bytes.clone(),
+        );
+        registry.register(
+            "replication_lag_seconds",
+            "The live direction's apply lag (the walsender's write_lag estimate)",
+            replication_lag_seconds.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted (logged in) and refused, by reason",
+            connections.clone(),
+        );
+        registry.register(
+            "server_wait_duration_seconds",
+            "How long a transaction waited for a server connection when all were busy",
+            server_wait_seconds.clone(),
+        );
+        registry.register(
+            "active_backend",
+            "1 for the backend clients are sent to, 0 for the other",
+            active_backend.clone(),
+        );
+        registry.register(
+            "build_info",
+            "1, labelled with the version of this pgswitch",
+            build_info,
         );
         registry.register("clients", "Client connections by state", clients.clone());
         registry.register(
@@ -223,6 +290,10 @@ impl Metrics {
             cutovers,
             cutover_phase_seconds,
             replication_lag_bytes,
+            replication_lag_seconds,
+            connections,
+            server_wait_seconds,
+            active_backend,
             clients,
             server_connections,
             prepared_statements,
@@ -234,6 +305,28 @@ impl Metrics {
             last_switch_timestamp,
             fallback_window_seconds,
         }
+    }
+
+    /// The live direction's lag, or none (the series disappear).
+    pub fn set_replication_lag(&self, from: &'static str, lag: Option<(u64, Option<f64>)>) {
+        self.replication_lag_bytes.clear();
+        self.replication_lag_seconds.clear();
+        let Some((bytes, seconds)) = lag else { return };
+        let labels = DirectionLabels { from };
+        self.replication_lag_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        if let Some(seconds) = seconds {
+            self.replication_lag_seconds
+                .get_or_create(&labels)
+                .set(seconds);
+        }
+    }
+
+    pub fn count_connection(&self, outcome: &'static str, reason: &'static str) {
+        self.connections
+            .get_or_create(&ConnectionLabels { outcome, reason })
+            .inc();
     }
 
     pub fn count_error(&self, class: &str) {
@@ -294,6 +387,11 @@ impl Metrics {
         }
         self.fallback_window_seconds
             .set(snapshot.fallback_window.as_secs_f64());
+        for &backend in &snapshot.backends {
+            self.active_backend
+                .get_or_create(&BackendLabels { backend })
+                .set(i64::from(backend == snapshot.active));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -325,6 +423,8 @@ mod tests {
             fenced: vec![("blue", true), ("green", false)],
             last_switch: Some(("green", 1_700_000_000_500)),
             fallback_window: std::time::Duration::from_secs(86400),
+            active: "green",
+            backends: vec!["blue", "green"],
         });
         assert!(text.contains("pgswitch_transactions_total 1"), "{text}");
         assert!(
@@ -356,9 +456,41 @@ mod tests {
             "pgswitch_fenced{backend=\"green\"} 0",
             "pgswitch_last_switch_timestamp_seconds{backend=\"green\"} 1700000000.5",
             "pgswitch_fallback_window_seconds 86400.0",
+            "pgswitch_active_backend{backend=\"green\"} 1",
+            "pgswitch_active_backend{backend=\"blue\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}: {text}");
         }
+        assert!(
+            text.contains(&format!(
+                "pgswitch_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn replication_lag_is_absent_without_replication() {
+        let m = Metrics::new();
+        let render = |m: &Metrics| m.render(&Snapshot::default());
+        let sample = |text: &str, name: &str| text.lines().any(|l| l.starts_with(name));
+        let text = render(&m);
+        assert!(!sample(&text, "pgswitch_replication_lag_bytes{"), "{text}");
+        m.set_replication_lag("blue", Some((42, Some(0.5))));
+        let text = render(&m);
+        assert!(
+            text.contains("pgswitch_replication_lag_bytes{from=\"blue\"} 42")
+                && text.contains("pgswitch_replication_lag_seconds{from=\"blue\"} 0.5"),
+            "{text}"
+        );
+        m.set_replication_lag("blue", None);
+        let text = render(&m);
+        assert!(!sample(&text, "pgswitch_replication_lag_bytes{"), "{text}");
+        assert!(
+            !sample(&text, "pgswitch_replication_lag_seconds{"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -138,19 +138,23 @@ impl Pool {
         self.settings.load()
     }
 
-    /// Takes a server connection, waiting up to `query_wait_timeout` for one.
-    pub async fn acquire(self: &Arc<Self>) -> Result<Checkout, PoolError> {
+    /// Takes a server connection, waiting up to `query_wait_timeout` for one;
+    /// with how long it waited for a free slot, when it had to.
+    pub async fn acquire(
+        self: &Arc<Self>,
+    ) -> Result<(Checkout, Option<std::time::Duration>), PoolError> {
         let settings = self.settings.load_full();
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
+        let (permit, waited) = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => (p, None),
             Err(_) => {
+                let since = std::time::Instant::now();
                 self.waiting.fetch_add(1, Ordering::Relaxed);
-                let waited = self.wait_permit(&self.slots, &settings).await;
+                let permit = self.wait_permit(&self.slots, &settings).await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
-                waited?
+                (permit?, Some(since.elapsed()))
             }
         };
-        self.checkout(permit).await
+        Ok((self.checkout(permit).await?, waited))
     }
 
     /// A permit of `semaphore`, waiting up to `query_wait_timeout`.

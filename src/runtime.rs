@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::admin::{AdminError, AdminState};
 use crate::config::{Config, Side};
 use crate::cutover::recover::RecoverError;
-use crate::cutover::Controller;
+use crate::cutover::{Controller, Direction};
 use crate::data_plane::{DataPlane, LoadError};
 use crate::replication::LagWatch;
 use crate::state::{self, StateError};
@@ -68,12 +68,17 @@ impl Runtime {
         // alert on increase(pgswitch_cutovers_total{outcome="aborted"}[...])
         // fires on the first abort too.
         for outcome in crate::cutover::report::Outcome::ALL {
-            let _ = data
-                .metrics
-                .cutovers
-                .get_or_create(&crate::metrics::OutcomeLabels {
-                    outcome: outcome.as_str(),
-                });
+            for direction in [Direction::Cutover, Direction::Fallback] {
+                let _ = data
+                    .metrics
+                    .cutovers
+                    .get_or_create(&crate::metrics::OutcomeLabels {
+                        kind: direction.name(),
+                        from: direction.from().as_str(),
+                        to: direction.to().as_str(),
+                        outcome: outcome.as_str(),
+                    });
+            }
         }
         Ok(Runtime {
             data,

@@ -118,6 +118,61 @@ async fn metrics_count_transactions_errors_and_connections() {
         metric(&after, "pgswitch_transaction_duration_seconds_count") >= 11.0,
         "{after}"
     );
+    assert_eq!(
+        metric(
+            &after,
+            "pgswitch_connections_total{outcome=\"accepted\",reason=\"\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+
+    // A wrong password is counted as refused for authentication; a
+    // transaction that finds both server connections busy waits, and the
+    // wait is observed.
+    let wrong = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password=wrong dbname=postgres",
+            proxy.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    assert!(wrong.is_err());
+    let (a, b, waiter) = (
+        client(&proxy).await,
+        client(&proxy).await,
+        client(&proxy).await,
+    );
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    b.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    let queued = wait_for(Duration::from_secs(10), || async {
+        let text = admin_http(proxy.admin_port, "GET", "/metrics", None, "")
+            .await
+            .1;
+        (metric(&text, "pgswitch_clients{state=\"waiting\"}") >= 1.0).then_some(())
+    })
+    .await;
+    assert!(queued.is_some(), "the third transaction never waited");
+    a.batch_execute("COMMIT").await.unwrap();
+    waiting.await.unwrap().unwrap();
+    let text = admin_http(proxy.admin_port, "GET", "/metrics", None, "")
+        .await
+        .1;
+    assert_eq!(
+        metric(
+            &text,
+            "pgswitch_connections_total{outcome=\"refused\",reason=\"authentication\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "pgswitch_server_wait_duration_seconds_count"),
+        1.0,
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

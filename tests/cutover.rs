@@ -573,14 +573,16 @@ async fn dry_run_keeps_traffic_on_blue() {
     let metrics = admin_http(proxy.admin_port, "GET", "/metrics", Some(TOKEN), "")
         .await
         .1;
-    assert!(
-        metrics.contains("pgswitch_replication_lag_bytes "),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("pgswitch_cutovers_total{outcome=\"dry_run\"} 1"),
-        "{metrics}"
-    );
+    for line in [
+        "pgswitch_replication_lag_bytes{from=\"blue\"} ",
+        "pgswitch_cutovers_total{kind=\"cutover\",from=\"blue\",to=\"green\",outcome=\"dry_run\"} 1",
+        "pgswitch_active_backend{backend=\"blue\"} 1",
+        "pgswitch_active_backend{backend=\"green\"} 0",
+        "pgswitch_connections_total{outcome=\"accepted\",reason=\"\"} ",
+        "pgswitch_build_info{version=",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
     // Nothing changed: forward replication still runs, blue isn't fenced,
     // no reverse subscription was created.
     let st = repl::subscription_status(&p.g, "pgswitch").await.unwrap();

@@ -897,8 +897,10 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
         );
     }
     assert!(
-        text.lines()
-            .any(|l| l == "pgswitch_cutovers_total{outcome=\"aborted\"} 0"),
+        text.lines().any(
+            |l| l.starts_with("pgswitch_cutovers_total{kind=\"cutover\"")
+                && l.ends_with("outcome=\"aborted\"} 0")
+        ),
         "the aborted outcome exists before the first abort:\n{text}"
     );
 

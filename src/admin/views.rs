@@ -24,6 +24,7 @@ pub fn metrics_snapshot(app: &AdminState) -> Snapshot {
         statements: data.statements.stats(),
         last_switch: state.switched_at_ms.map(|ms| (state.active.as_str(), ms)),
         fallback_window: data.config().cutover.fallback_window,
+        active: data.switch.active().side.as_str(),
         ..Snapshot::default()
     };
     for backend in data.backends.iter() {
@@ -37,6 +38,7 @@ pub fn metrics_snapshot(app: &AdminState) -> Snapshot {
         snapshot.clients_active += active;
         snapshot.servers.push((backend.side.as_str(), active, idle));
         let side = backend.side.as_str();
+        snapshot.backends.push(side);
         snapshot
             .fenced
             .push((side, state.fences.contains_key(side)));

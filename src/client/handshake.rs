@@ -63,6 +63,7 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
         Ok(established) => {
             let conn = conn.unwrap_or_else(|| unreachable!("logged in without a connection"));
             let key = established.pool_key.clone();
+            data.metrics.count_connection("accepted", "");
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, "client connected");
             let reason = Box::pin(Session::new(data, conn, established).run()).await;
             let duration_ms = started.elapsed().as_millis() as u64;
@@ -72,11 +73,29 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
         Err(e) => e,
     };
     let (reply, reason) = failure.into_reply(&data.metrics);
+    data.metrics
+        .count_connection("refused", refusal_reason(reply.as_ref()));
     if let (Some(e), Some(conn)) = (reply, conn.as_mut()) {
         conn.refuse(&e).await;
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(client = id, %peer, duration_ms, %reason, "client closed during login");
+}
+
+/// The `reason` label of a refused connection, from the error it was sent.
+fn refusal_reason(reply: Option<&PgError>) -> &'static str {
+    let Some(e) = reply else {
+        // Nothing to tell: the client left, or spoke no protocol.
+        return "disconnected";
+    };
+    match e.code.as_str() {
+        "28P01" | "28000" => "authentication",
+        "53300" => "too_many_connections",
+        "57P01" | "57P03" => "shutting_down",
+        "3D000" => "unknown_database",
+        code if code.starts_with("08") => "protocol",
+        _ => "other",
+    }
 }
 
 /// A failure while opening, with the connection if it is still usable for an

@@ -347,7 +347,13 @@ impl Session {
             self.pool = self.data.pool_for(&active, &self.pool_key);
             self.backend = active;
         }
-        let mut server = self.pool.acquire().await?;
+        let (mut server, waited) = self.pool.acquire().await?;
+        if let Some(waited) = waited {
+            self.data
+                .metrics
+                .server_wait_seconds
+                .observe(waited.as_secs_f64());
+        }
         if self.mode == PoolMode::Session {
             // Session mode relays the server's replies unfiltered: the
             // parameters are set before the client's first message goes out.

@@ -56,7 +56,7 @@ impl Direction {
         self.from().other()
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Direction::Cutover => "cutover",
             Direction::Fallback => "fallback",
@@ -416,6 +416,9 @@ impl Controller {
         data.metrics
             .cutovers
             .get_or_create(&crate::metrics::OutcomeLabels {
+                kind: report.kind,
+                from: report.from.as_str(),
+                to: report.to.as_str(),
                 outcome: report.outcome.as_str(),
             })
             .inc();

@@ -53,16 +53,19 @@ pub async fn watch_lag(data: Arc<DataPlane>, watch: Arc<LagWatch>) {
             .await;
             conn = opened.ok().map(|c| (side, c));
         }
-        let Some((_, client)) = &conn else { continue };
+        let Some((_, client)) = &conn else {
+            data.metrics.set_replication_lag(side.as_str(), None);
+            watch.set(None);
+            continue;
+        };
         // Blue publishes through the forward slot, green through the reverse one.
         let slot = match side {
             Side::Blue => config.replication.slot().to_owned(),
             Side::Green => ReverseNames::new("").slot,
         };
         let lag = replication_lag(client, &slot).await.ok();
-        if let Some(lag) = &lag {
-            data.metrics.replication_lag_bytes.set(lag.bytes as i64);
-        }
+        data.metrics
+            .set_replication_lag(side.as_str(), lag.as_ref().map(|l| (l.bytes, l.seconds)));
         watch.set(lag);
     }
 }
