@@ -52,6 +52,10 @@ enum Command {
     Cutover(SwitchArgs),
     /// Switch traffic back from green to blue.
     Fallback(SwitchArgs),
+    /// The cutovers and fallbacks since pgswitch started.
+    History(AdminArgs),
+    /// Read the configuration file again (as SIGHUP does).
+    Reload(AdminArgs),
     /// Hold new transactions at the gate.
     Pause(AdminArgs),
     /// Release held transactions.
@@ -439,6 +443,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Status(args) => admin_call(&args, hyper::Method::GET, "/status", None),
+        Command::History(args) => admin_call(&args, hyper::Method::GET, "/cutovers", None),
+        Command::Reload(args) => admin_call(&args, hyper::Method::POST, "/reload", None),
         Command::Pause(args) => admin_call(&args, hyper::Method::POST, "/pause", None),
         Command::Resume(args) => admin_call(&args, hyper::Method::POST, "/resume", None),
         Command::Cutover(args) => admin_call(

@@ -147,6 +147,7 @@ impl Runtime {
             data: data.clone(),
             cutover: self.cutover.clone(),
             lag: self.lag.clone(),
+            config_path: self.config_path.clone(),
         });
         tokio::spawn(crate::admin::serve(admin_state, admin));
         tokio::spawn(housekeeping(data.clone()));

@@ -165,5 +165,144 @@ pub fn render(value: &serde_json::Value) -> String {
         }
         return out;
     }
+    if let Some(switches) = value.as_array() {
+        return render_history(switches);
+    }
+    if value.get("pools").is_some() && value.get("active").is_some() {
+        return render_status(value);
+    }
     serde_json::to_string_pretty(value).unwrap_or_default()
+}
+
+fn text<'v>(value: &'v serde_json::Value, key: &str) -> &'v str {
+    value.get(key).and_then(|v| v.as_str()).unwrap_or("-")
+}
+
+fn number(value: &serde_json::Value, key: &str) -> String {
+    value
+        .get(key)
+        .filter(|v| !v.is_null())
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `GET /status` as a person reads it: the side, the gate, replication,
+/// backends, then one line per pool.
+fn render_status(st: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let paused_by: Vec<&str> = st
+        .get("paused_by")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let gate = if paused_by.is_empty() {
+        "open".to_owned()
+    } else {
+        format!("closed (held by {})", paused_by.join(", "))
+    };
+    out.push_str(&format!("active:       {}\n", text(st, "active")));
+    out.push_str(&format!("gate:         {gate}\n"));
+    out.push_str(&format!("phase:        {}\n", text(st, "phase")));
+    let lag = &st["replication_lag"];
+    let replication = if lag.is_null() {
+        "not measured (no admin credentials, or no replication)".to_owned()
+    } else {
+        let seconds = lag["seconds"]
+            .as_f64()
+            .map(|s| format!(", ~{s:.1} s"))
+            .unwrap_or_default();
+        let streaming = if lag["streaming"] == true {
+            "streaming"
+        } else {
+            "NOT streaming"
+        };
+        format!(
+            "{} bytes behind{seconds}, {streaming}",
+            number(lag, "bytes")
+        )
+    };
+    out.push_str(&format!("replication:  {replication}\n"));
+    for (key, label) in [
+        ("unfinished_switch", "unfinished:   "),
+        ("unreconciled", "unreconciled: "),
+    ] {
+        if let Some(v) = st.get(key).filter(|v| !v.is_null()) {
+            out.push_str(&format!("{label}{}\n", v.to_string().trim_matches('"')));
+        }
+    }
+    out.push_str(&format!("clients:      {}\n", number(st, "clients")));
+    if let Some(backends) = st.get("backends").and_then(|v| v.as_object()) {
+        out.push_str("backends:\n");
+        for (side, b) in backends {
+            let reachable = match b["reachable"].as_bool() {
+                Some(true) => "reachable",
+                Some(false) => "UNREACHABLE",
+                None => "not checked yet",
+            };
+            let error = b["last_error"]
+                .as_str()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {side:<6} {:<22} {reachable}{error}\n",
+                text(b, "addr")
+            ));
+        }
+    }
+    let pools = st["pools"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!(
+        "pools:\n  {:<6} {:<16} {:<16} {:>4} {:>4} {:>6} {:>4} {:>7}\n",
+        "SIDE", "DATABASE", "USER", "SIZE", "OPEN", "ACTIVE", "IDLE", "WAITING"
+    ));
+    for p in &pools {
+        let stats = &p["stats"];
+        out.push_str(&format!(
+            "  {:<6} {:<16} {:<16} {:>4} {:>4} {:>6} {:>4} {:>7}\n",
+            text(p, "backend"),
+            text(p, "database"),
+            text(p, "user"),
+            number(stats, "size"),
+            number(stats, "open"),
+            number(stats, "active"),
+            number(stats, "idle"),
+            number(stats, "waiting")
+        ));
+    }
+    out
+}
+
+/// `GET /cutovers`: one line per switch, oldest first.
+fn render_history(switches: &[serde_json::Value]) -> String {
+    if switches.is_empty() {
+        return "no cutover or fallback since pgswitch started\n".into();
+    }
+    let mut out = format!(
+        "{:<24} {:<8} {:<14} {:<9} {:>9}  {}\n",
+        "STARTED (UTC)", "KIND", "DIRECTION", "OUTCOME", "PAUSE", "REASON"
+    );
+    for s in switches {
+        let started = s["started_at_unix_ms"]
+            .as_u64()
+            .map(|ms| {
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                )
+                .to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        let pause = s["pause_ms"]
+            .as_f64()
+            .map(|ms| format!("{ms:.1} ms"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{started:<24} {:<8} {:<14} {:<9} {pause:>9}  {}\n",
+            text(s, "kind"),
+            format!("{} -> {}", text(s, "from"), text(s, "to")),
+            text(s, "outcome"),
+            s["reason"].as_str().unwrap_or("")
+        ));
+    }
+    out
 }

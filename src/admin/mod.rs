@@ -54,6 +54,8 @@ pub struct AdminState {
     pub data: Arc<DataPlane>,
     pub cutover: Arc<Controller>,
     pub lag: Arc<LagWatch>,
+    /// The configuration file `POST /reload` reads again (as SIGHUP does).
+    pub config_path: std::path::PathBuf,
 }
 
 /// Refused connections (over `max_connections`) answered with a 503 at a
@@ -209,6 +211,19 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
             let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::CONFLICT);
             json_response(status, &serde_json::to_value(&report).unwrap_or_default())
         }
+        (&Method::POST, "/reload") => match app.data.reload(&app.config_path).await {
+            Ok(()) => {
+                tracing::info!(path = %app.config_path.display(), "configuration reloaded (admin API)");
+                json_response(StatusCode::OK, &json!({"reloaded": true}))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+                json_response(
+                    StatusCode::CONFLICT,
+                    &json!({"reloaded": false, "error": e.to_string()}),
+                )
+            }
+        },
         (&Method::POST, "/decommission") => {
             let read_timeout = app.data.config().admin.request_read_timeout;
             let force = match read_json::<DecommissionOptions>(req, read_timeout).await {
