@@ -4,7 +4,9 @@
 # for apt. Run it once before `cargo nextest run`; .ci/run calls it.
 #
 #   Debian:  PostgreSQL 15 server and client tools (psql, pgbench), pgjdbc
-#            (libpostgresql-jdbc-java), Java, Node.js and npm
+#            (libpostgresql-jdbc-java), Java, Node.js and npm, Chromium and
+#            chromedriver (chromium, chromium-driver: the dashboard's browser
+#            test)
 #   PyPI:    tests/drivers/python/requirements.txt (psycopg 3, asyncpg, psycopg2)
 #   npm:     tests/drivers/node/package-lock.json (pg, pg-copy-streams, postgres)
 #   PostgreSQL 17 (scripts/install-pg17.sh), cargo-nextest
@@ -24,6 +26,8 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
@@ -36,6 +40,8 @@ id postgres >/dev/null 2>&1 || { echo "no 'postgres' OS user" >&2; exit 1; }
 "$PG15_BIN/psql" --version
 java -version 2>&1 | head -n1
 ls /usr/share/java/postgresql-[0-9]*.jar
+/usr/bin/chromium --version
+/usr/bin/chromedriver --version
 
 step "Python drivers"
 python3 -m pip install --quiet -r tests/drivers/python/requirements.txt
