@@ -5,7 +5,9 @@
 #
 #   Debian:  PostgreSQL 15 server and client tools (psql, pgbench), pgjdbc
 #            (libpostgresql-jdbc-java), Java, Node.js and npm, promtool
-#            (prometheus; tests/deploy.rs checks deploy/prometheus with it)
+#            (prometheus; tests/deploy.rs checks deploy/prometheus with it),
+#            Chromium and chromedriver (chromium, chromium-driver: the
+#            dashboard's browser test)
 #   PyPI:    tests/drivers/python/requirements.txt (psycopg 3, asyncpg, psycopg2)
 #   npm:     tests/drivers/node/package-lock.json (pg, pg-copy-streams, postgres)
 #   PostgreSQL 17 (scripts/install-pg17.sh), cargo-nextest
@@ -26,6 +28,8 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || missing+=(procps)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
@@ -39,6 +43,8 @@ id postgres >/dev/null 2>&1 || { echo "no 'postgres' OS user" >&2; exit 1; }
 java -version 2>&1 | head -n1
 ls /usr/share/java/postgresql-[0-9]*.jar
 promtool --version 2>&1 | head -n1
+/usr/bin/chromium --version
+/usr/bin/chromedriver --version
 
 step "Python drivers"
 python3 -m pip install --quiet -r tests/drivers/python/requirements.txt

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub transaction_seconds: Histogram,
     pub pause_seconds: Histogram,
     pub errors: Family<ErrorLabels, Counter>,
+    /// `errors` summed over the classes, for `/status` (not exported).
+    errors_sum: Counter,
     pub cutovers: Family<OutcomeLabels, Counter>,
     pub cutover_phase_seconds: Family<PhaseLabels, Histogram>,
     /// Absent while no replication is measured.
@@ -287,6 +289,7 @@ impl Metrics {
             transaction_seconds,
             pause_seconds,
             errors,
+            errors_sum: Counter::default(),
             cutovers,
             cutover_phase_seconds,
             replication_lag_bytes,
@@ -335,6 +338,12 @@ impl Metrics {
                 class: class.to_owned(),
             })
             .inc();
+        self.errors_sum.inc();
+    }
+
+    /// Errors sent to clients, all classes together.
+    pub fn errors_total(&self) -> u64 {
+        self.errors_sum.get()
     }
 
     /// The text exposition, with gauges set from `snapshot`.

@@ -175,6 +175,41 @@ async fn metrics_count_transactions_errors_and_connections() {
     );
 }
 
+/// The totals the dashboard derives its rates from, in /status's JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_transactions_queries_and_errors() {
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = start(&pg, "");
+    let counters = |body: &str| {
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        let c = &json["counters"];
+        let get = |k: &str| {
+            c[k].as_u64()
+                .unwrap_or_else(|| panic!("no counters.{k} in {json}"))
+        };
+        (get("transactions"), get("queries"), get("errors"))
+    };
+    let (_, before) = admin_http(proxy.admin_port, "GET", "/status", None, "").await;
+    let (t0, q0, e0) = counters(&before);
+    let c = client(&proxy).await;
+    for _ in 0..5 {
+        c.simple_query("select 1").await.unwrap();
+    }
+    c.simple_query("select 1/0").await.unwrap_err();
+    let (status, after) = admin_http(proxy.admin_port, "GET", "/status", None, "").await;
+    assert_eq!(status, 200);
+    let (t1, q1, e1) = counters(&after);
+    assert!(t1 - t0 >= 6, "transactions {t0} -> {t1}");
+    assert!(q1 - q0 >= 6, "queries {q0} -> {q1}");
+    assert_eq!(e1 - e0, 1, "errors {e0} -> {e1}");
+    // The same totals as /metrics.
+    let (_, metrics) = admin_http(proxy.admin_port, "GET", "/metrics", None, "").await;
+    assert_eq!(
+        metric(&metrics, "pgswitch_errors_total{class=\"22\"}"),
+        e1 as f64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_transactions_until_resume() {
     let pg = pg_with_app(PgOptions::default(), None);

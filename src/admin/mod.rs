@@ -1,12 +1,15 @@
 //! The admin HTTP API (control plane): health (liveness), ready (the active
 //! backend is reachable), status, Prometheus metrics, cutover and fallback,
-//! the checks (`GET /check`) and the initial copy of `prepare` (`GET /prepare`),
-//! and the operator's hold of the gate (pause/resume). Every endpoint but
-//! `GET /health` and `GET /ready` requires `Authorization: Bearer <token>`
-//! when a token is configured; a non-loopback listen address without a token
-//! is refused at config load.
+//! the checks (`GET /check`), the initial copy of `prepare` (`GET /prepare`),
+//! the lag of the last minutes (`GET /lag`), the operator's hold of the gate
+//! (pause/resume), and the dashboard page (`GET /`, see [`dashboard`]).
+//! Every endpoint but `GET /health`, `GET /ready` and the page's static
+//! files requires `Authorization: Bearer <token>` when a token is
+//! configured; a non-loopback listen address without a token is refused at
+//! config load. Data answers carry `Cache-Control: no-store`.
 
 pub mod client;
+mod dashboard;
 mod views;
 
 use std::convert::Infallible;
@@ -17,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -149,6 +152,12 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
     if req.method() == Method::GET && path == "/ready" {
         return ready(&app.data);
     }
+    // The dashboard's page, script and style: static, no data, no token.
+    if req.method() == Method::GET {
+        if let Some(response) = dashboard::asset(&path) {
+            return response;
+        }
+    }
     if !authorized(app, &req) {
         return json_response(
             StatusCode::UNAUTHORIZED,
@@ -191,6 +200,7 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
                     CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )
+                .header(CACHE_CONTROL, "no-store")
                 .body(Full::new(Bytes::from(body)))
                 .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"))
         }
@@ -236,6 +246,10 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
             let status = StatusCode::from_u16(report.http_status()).unwrap_or(StatusCode::CONFLICT);
             json_response(status, &serde_json::to_value(&report).unwrap_or_default())
         }
+        (&Method::GET, "/lag") => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(app.lag.history()).unwrap_or_default(),
+        ),
         (&Method::GET, "/cutovers") => json_response(
             StatusCode::OK,
             &serde_json::to_value(app.cutover.history()).unwrap_or_default(),
@@ -344,9 +358,9 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Data (and tokens' refusals) are never kept by a browser or a proxy.
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

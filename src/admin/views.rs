@@ -101,5 +101,11 @@ pub fn status(app: &AdminState) -> serde_json::Value {
         "backends": backends(data),
         "clients": data.client_count(),
         "pools": pools,
+        // Totals since start; the dashboard derives rates per second.
+        "counters": {
+            "transactions": data.metrics.transactions.get(),
+            "queries": data.metrics.queries.get(),
+            "errors": data.metrics.errors_total(),
+        },
     })
 }
