@@ -583,3 +583,35 @@ async fn the_probe_without_admin_credentials_stops_at_the_first_answer() {
     })
     .await;
 }
+
+/// `/ready` also needs the state file readable (a start, and a switch's
+/// commit, need it): a corrupt one makes it 503 while traffic still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_needs_a_readable_state_file() {
+    let pg = pg_with_app(PgOptions::default(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let proxy = ProxyConfig::new(pg.port)
+        .app_user()
+        .table(&format!("[cutover]\nstate_file = \"{}\"", state.display()))
+        .admin(free_port(), "")
+        .start();
+    let c = client(&proxy).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let ready = || async { admin_http(proxy.admin_port, "GET", "/ready", None, "").await };
+    let (code, body) = wait_for(Duration::from_secs(10), || async {
+        let (code, body) = ready().await;
+        (code == 200).then_some((code, body))
+    })
+    .await
+    .unwrap_or_else(|| panic!("never ready"));
+    assert_eq!(code, 200, "{body}");
+    std::fs::write(&state, "not json").unwrap();
+    let (code, body) = ready().await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("is not valid"), "{body}");
+    c.simple_query("SELECT 1").await.unwrap();
+    std::fs::write(&state, r#"{"active":"blue"}"#).unwrap();
+    let (code, body) = ready().await;
+    assert_eq!(code, 200, "{body}");
+}

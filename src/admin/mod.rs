@@ -278,7 +278,15 @@ const MAX_BODY: usize = 64 * 1024;
 fn ready(data: &DataPlane) -> Response<Full<Bytes>> {
     let active = data.switch.active();
     let reachable = active.addr.reachability.reachable();
-    let ready = reachable == Some(true);
+    // A state file that can't be read would stop the next start, and a
+    // switch's commit: not ready, though traffic still flows.
+    let state_file = data.config().cutover.state_file.as_deref().map(|path| {
+        crate::state::load(path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let state_file_ok = !matches!(state_file, Some(Err(_)));
+    let ready = reachable == Some(true) && state_file_ok;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -290,6 +298,11 @@ fn ready(data: &DataPlane) -> Response<Full<Bytes>> {
             "ready": ready,
             "active": active.side.as_str(),
             "reachable": reachable,
+            "state_file": match state_file {
+                None => json!(null),
+                Some(Ok(())) => json!("readable"),
+                Some(Err(e)) => json!(e),
+            },
         }),
     )
 }

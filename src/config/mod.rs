@@ -630,6 +630,20 @@ mod tests {
         Config::parse(text, Path::new("proxy.toml"))
     }
 
+    #[test]
+    fn a_port_out_of_range_names_the_range() {
+        let err = parse(
+            "[proxy]\nlisten = \"127.0.0.1:6432\"\n[backends.blue]\nhost = \"h\"\nport = 70000\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("port 70000 is out of range: a port is 1-65535"),
+            "{err}"
+        );
+    }
+
     const MINIMAL: &str = r#"
         [proxy]
         [backends.blue]

@@ -101,7 +101,7 @@ impl Backends {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub host: String,
-    #[serde(default = "default_pg_port")]
+    #[serde(default = "default_pg_port", deserialize_with = "port")]
     pub port: u16,
     #[serde(default)]
     pub server_tls: ServerTlsMode,
@@ -171,6 +171,15 @@ impl ReplicationConfig {
     pub fn slot(&self) -> &str {
         self.slot.as_deref().unwrap_or(&self.subscription)
     }
+}
+
+/// A TCP port, with an error that says the range ("expected u16" says
+/// nothing to an operator).
+fn port<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    let value = i64::deserialize(deserializer)?;
+    u16::try_from(value).ok().filter(|p| *p > 0).ok_or_else(|| {
+        serde::de::Error::custom(format!("port {value} is out of range: a port is 1-65535"))
+    })
 }
 
 fn default_pg_port() -> u16 {
