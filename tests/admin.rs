@@ -315,6 +315,47 @@ async fn cli_status_pause_resume_and_a_readable_report() {
     assert!(!ok, "{out}");
     assert!(out.contains("cutover blue -> green: REFUSED"), "{out}");
     assert!(out.contains("reason:"), "{out}");
+    // A switch that did not happen is a warning in the log, on one line.
+    let logs = proxy.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("switch did not happen")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("\u{1b}["),
+        "colour codes in a log file: {logs}"
+    );
+
+    // status as a table; --json ends with a newline.
+    let (ok, out) = cli(&proxy, &["status"], Some(TOKEN));
+    assert!(ok, "{out}");
+    for line in ["active:       blue", "gate:         open", "pools:", "SIDE"] {
+        assert!(out.contains(line), "{line:?} not in: {out}");
+    }
+    let (_, raw) = cli(&proxy, &["status", "--json"], Some(TOKEN));
+    assert!(raw.ends_with("}\n"), "{raw:?}");
+    // history lists the refused dry run.
+    let (ok, out) = cli(&proxy, &["history"], Some(TOKEN));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("STARTED (UTC)")
+            && out.contains("cutover  blue -> green")
+            && out.contains("refused"),
+        "{out}"
+    );
+    // reload reads the file again; a broken file is refused, the running
+    // configuration kept.
+    let (ok, out) = cli(&proxy, &["reload"], Some(TOKEN));
+    assert!(ok && out.contains("configuration reloaded"), "{out}");
+    std::fs::write(&proxy.config_path, "[proxy\n").unwrap();
+    let (ok, out) = cli(&proxy, &["reload"], Some(TOKEN));
+    assert!(
+        !ok && out.contains("reload refused, the running configuration kept"),
+        "{out}"
+    );
+    let (ok, _) = cli(&proxy, &["status"], Some(TOKEN));
+    assert!(ok);
 }
 
 /// Opens a connection to the admin API and sends a request's first lines,

@@ -63,6 +63,11 @@ fn demo_switches_both_ways_without_errors_and_cleans_up() {
         " 0 rows lost",
         "dashboard http://127.0.0.1:",
         "done: OK",
+        "phases (* inside the pause):",
+        "   *drain",
+        "held at the gate:",
+        "target lsn:",
+        "(on blue)",
     ] {
         assert!(output.contains(expected), "{expected:?} not in: {output}");
     }

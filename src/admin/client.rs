@@ -165,6 +165,15 @@ pub fn render(value: &serde_json::Value) -> String {
         }
         return out;
     }
+    if let Some(reloaded) = value.get("reloaded").and_then(|v| v.as_bool()) {
+        return match reloaded {
+            true => "configuration reloaded\n".into(),
+            false => format!(
+                "reload refused, the running configuration kept: {}\n",
+                text(value, "error")
+            ),
+        };
+    }
     if let Some(switches) = value.as_array() {
         return render_history(switches);
     }
