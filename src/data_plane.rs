@@ -112,6 +112,7 @@ impl DataPlane {
                         port: b.port,
                         tls: tls.unwrap_or_else(ServerTls::disabled),
                         reachability: Default::default(),
+                        own: Default::default(),
                     },
                 )
             })
@@ -180,6 +181,13 @@ impl DataPlane {
 
     pub fn backend(&self, side: Side) -> Option<Arc<Backend>> {
         self.backends.get(side)
+    }
+
+    /// The local addresses of this process's connections to `side`.
+    pub fn own_connections(&self, side: Side) -> Vec<String> {
+        self.backend(side)
+            .map(|b| b.addr.own.list())
+            .unwrap_or_default()
     }
 
     /// The pool for `key` on `backend`, created on first use.

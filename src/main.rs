@@ -325,7 +325,7 @@ fn check(path: &std::path::Path, json: bool) -> ExitCode {
         json,
         1,
         async |config| {
-            pgswitch::check::run(config)
+            pgswitch::check::run(config, &pgswitch::check::OwnSessions::default())
                 .await
                 .map_err(|e| e.to_string())
         },

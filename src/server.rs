@@ -32,6 +32,29 @@ pub struct BackendAddr {
     pub tls: ServerTls,
     /// What every connection opened here says about reaching the server.
     pub reachability: Arc<Reachability>,
+    /// This process's open connections to the server, by local address.
+    pub own: Arc<OwnConnections>,
+}
+
+/// The local addresses of pgswitch's connections to one server: what the
+/// server shows as `client_addr:client_port` in `pg_stat_activity`, so
+/// that `check` can tell pgswitch's own sessions from others' (they carry
+/// the client's application_name). Touched at connect and close only.
+#[derive(Debug, Default)]
+pub struct OwnConnections(std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>);
+
+impl OwnConnections {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<std::net::SocketAddr>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// As `pg_stat_activity` writes them: `host(client_addr):client_port`.
+    pub fn list(&self) -> Vec<String> {
+        self.set()
+            .iter()
+            .map(|a| format!("{}:{}", a.ip(), a.port()))
+            .collect()
+    }
 }
 
 impl std::fmt::Display for BackendAddr {
@@ -177,6 +200,8 @@ pub struct ServerConn {
     pub idle_since: Instant,
     /// From the last ReadyForQuery; `Busy` while requests are out.
     pub tx_status: TxStatus,
+    /// This end's address, registered in `addr.own` while the connection lives.
+    local: Option<std::net::SocketAddr>,
 }
 
 impl ServerConn {
@@ -231,7 +256,7 @@ impl ServerConn {
         timeout: Duration,
     ) -> Result<(), ServerError> {
         let attempt = async {
-            let mut stream = Self::open_stream(&addr, timeout).await?;
+            let (mut stream, _) = Self::open_stream(&addr, timeout).await?;
             let mut out = BytesMut::new();
             messages::startup(&mut out, &[("user", user), ("database", database)]);
             stream.write_all(&out).await?;
@@ -297,7 +322,7 @@ impl ServerConn {
     async fn open_stream(
         addr: &BackendAddr,
         connect_timeout: Duration,
-    ) -> Result<ServerStream, ServerError> {
+    ) -> Result<(ServerStream, Option<std::net::SocketAddr>), ServerError> {
         let target = (addr.host.as_str(), addr.port);
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
             Err(_) => {
@@ -314,6 +339,7 @@ impl ServerConn {
             Ok(Ok(s)) => s,
         };
         stream.set_nodelay(true)?;
+        let local = stream.local_addr().ok();
         match tokio::time::timeout(connect_timeout, addr.tls.negotiate(stream)).await {
             Err(_) => Err(ServerError::ConnectTimeout {
                 addr: addr.to_string(),
@@ -322,7 +348,7 @@ impl ServerConn {
                 addr: addr.to_string(),
                 source,
             }),
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => Ok((s, local)),
         }
     }
 
@@ -332,7 +358,10 @@ impl ServerConn {
         connect_timeout: Duration,
         statement_capacity: usize,
     ) -> Result<ServerConn, ServerError> {
-        let stream = Self::open_stream(&addr, connect_timeout).await?;
+        let (stream, local) = Self::open_stream(&addr, connect_timeout).await?;
+        if let Some(local) = local {
+            addr.own.set().insert(local);
+        }
         let now = Instant::now();
         let mut conn = ServerConn {
             stream,
@@ -346,6 +375,7 @@ impl ServerConn {
             created: now,
             idle_since: now,
             tx_status: TxStatus::Idle,
+            local,
         };
         match tokio::time::timeout(connect_timeout, conn.login(login)).await {
             Ok(result) => result.map(|()| conn),
@@ -631,6 +661,9 @@ impl Drop for ServerConn {
     fn drop(&mut self) {
         // Spares the server log an "unexpected EOF" line for every pooled connection closed.
         self.terminate();
+        if let Some(local) = self.local {
+            self.addr.own.set().remove(&local);
+        }
     }
 }
 

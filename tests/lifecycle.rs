@@ -167,6 +167,28 @@ async fn check_flags_exactly_the_planted_problems() {
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(at(&report, "fail").is_empty(), "{report:#}");
     assert!(at(&report, "pass").len() >= 15, "{report:#}");
+
+    // A serving pgswitch leaves its own server connections out of the
+    // session checks; a session straight to blue is still named.
+    let through = connect(&proxy, "app").await.unwrap();
+    through.simple_query("SELECT 1").await.unwrap();
+    let get_check = || async {
+        let (code, body) = admin_http(proxy.admin_port, "GET", "/check", Some(TOKEN), "").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let report = get_check().await;
+    assert!(
+        at(&report, "warn").is_empty(),
+        "pgswitch's own session: {report:#}"
+    );
+    let _direct = p.blue.connect("app", "app", "app").await;
+    let report = get_check().await;
+    assert_eq!(
+        at(&report, "warn"),
+        pairs(&[("bypassing_sessions", "blue")]),
+        "{report:#}"
+    );
 }
 
 /// The live direction's health and the target's writes: a session writing on

@@ -168,7 +168,11 @@ async fn route(app: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>
         (&Method::GET, "/status") => json_response(StatusCode::OK, &views::status(app)),
         (&Method::GET, "/check") => {
             let config = app.data.config().clone();
-            match crate::check::run(&config).await {
+            let own = crate::check::OwnSessions {
+                blue: app.data.own_connections(crate::config::Side::Blue),
+                green: app.data.own_connections(crate::config::Side::Green),
+            };
+            match crate::check::run(&config, &own).await {
                 Ok(report) => json_response(
                     StatusCode::OK,
                     &serde_json::to_value(&report).unwrap_or_default(),

@@ -155,6 +155,24 @@ impl Target {
     }
 }
 
+/// The server connections of a serving pgswitch, by side, as
+/// `pg_stat_activity` shows them (`host(client_addr):client_port`): its
+/// own sessions, which the session checks leave out. Empty offline.
+#[derive(Debug, Clone, Default)]
+pub struct OwnSessions {
+    pub blue: Vec<String>,
+    pub green: Vec<String>,
+}
+
+impl OwnSessions {
+    fn of(&self, side: Side) -> &[String] {
+        match side {
+            Side::Blue => &self.blue,
+            Side::Green => &self.green,
+        }
+    }
+}
+
 /// The active side: the state file's, else `[cutover] active`.
 pub fn active_side(config: &Config) -> Side {
     config
@@ -167,14 +185,14 @@ pub fn active_side(config: &Config) -> Side {
 }
 
 /// Runs every check against both sides, for the direction live now.
-pub async fn run(config: &Config) -> Result<Report, CheckError> {
+pub async fn run(config: &Config, own: &OwnSessions) -> Result<Report, CheckError> {
     let target = Target::for_active(config, active_side(config));
     let (from, to) = tokio::try_join!(
         connect_side(config, target.from, CONNECT_TIMEOUT),
         connect_side(config, target.to, CONNECT_TIMEOUT)
     )
     .map_err(CheckError::Connect)?;
-    let mut r = Findings(run_on(config, &target, &from, &to).await?.findings);
+    let mut r = Findings(run_on(config, &target, &from, &to, own).await?.findings);
     state_file(&mut r, config);
     Ok(Report { findings: r.0 })
 }
@@ -186,6 +204,7 @@ pub async fn run_on(
     target: &Target,
     from: &Client,
     to: &Client,
+    own: &OwnSessions,
 ) -> Result<Report, CheckError> {
     let mut r = Findings(Vec::new());
     for (side, c) in [(target.from, from), (target.to, to)] {
@@ -197,10 +216,10 @@ pub async fn run_on(
     tables::check(&mut r, target.from, from)
         .await
         .map_err(on(target.from))?;
-    sessions::bypassing(&mut r, config, target.from, from)
+    sessions::bypassing(&mut r, config, target.from, from, own.of(target.from))
         .await
         .map_err(on(target.from))?;
-    sessions::writes_on_target(&mut r, config, target.to, to)
+    sessions::writes_on_target(&mut r, config, target.to, to, own.of(target.to))
         .await
         .map_err(on(target.to))?;
     sessions::roles(&mut r, config, target.to, to)

@@ -17,6 +17,7 @@ pub(super) async fn bypassing(
     config: &Config,
     side: Side,
     c: &Client,
+    own: &[String],
 ) -> Result<(), ReplicationError> {
     let step = "sessions";
     let roles = config.application_roles();
@@ -28,9 +29,10 @@ pub(super) async fn bypassing(
                FROM pg_catalog.pg_stat_activity \
               WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() \
                 AND application_name <> $1 \
+                AND NOT (coalesce(host(client_addr), '') || ':' || coalesce(client_port, 0)) = ANY($3) \
                 AND (usename = ANY($2) OR xact_start IS NOT NULL) \
               ORDER BY 1",
-            &[&replication::APPLICATION_NAME, &roles],
+            &[&replication::APPLICATION_NAME, &roles, &own],
         )
         .await
         .map_err(|e| ReplicationError::sql(step, e))?;
@@ -54,8 +56,8 @@ pub(super) async fn bypassing(
         "end them before the cutover, or use drain_action = \"cancel\"",
     );
     // pgswitch's own server connections log in as the application roles
-    // too; what tells them apart is unknown here, so every session of
-    // those roles is listed when pgswitch is not serving (`check` offline).
+    // too: a serving pgswitch passes their addresses (`own`); offline
+    // (`pgswitch check` with pgswitch stopped) there are none.
     others.sort();
     others.dedup();
     r.objects(
@@ -113,6 +115,7 @@ pub(super) async fn writes_on_target(
     config: &Config,
     side: Side,
     c: &Client,
+    own: &[String],
 ) -> Result<(), ReplicationError> {
     let step = "sessions on the target";
     let found = c
@@ -122,9 +125,10 @@ pub(super) async fn writes_on_target(
                FROM pg_catalog.pg_stat_activity \
               WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() \
                 AND application_name <> $1 \
+                AND NOT (coalesce(host(client_addr), '') || ':' || coalesce(client_port, 0)) = ANY($3) \
                 AND (usename = ANY($2) OR backend_xid IS NOT NULL) \
               ORDER BY 1",
-            &[&replication::APPLICATION_NAME, &config.application_roles()],
+            &[&replication::APPLICATION_NAME, &config.application_roles(), &own],
         )
         .await
         .map_err(|e| ReplicationError::sql(step, e))?

@@ -530,7 +530,11 @@ impl<'a> Run<'a> {
             subscription: stream.subscription.to_owned(),
             slot: stream.slot.to_owned(),
         };
-        let report = crate::check::run_on(self.config, &target, &conns.from, &conns.to)
+        let own = crate::check::OwnSessions {
+            blue: self.data.own_connections(Side::Blue),
+            green: self.data.own_connections(Side::Green),
+        };
+        let report = crate::check::run_on(self.config, &target, &conns.from, &conns.to, &own)
             .await
             .map_err(|e| CutoverError::Refused(format!("preflight checks: {e}")))?;
         let mut forced = Vec::new();
