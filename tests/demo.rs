@@ -123,3 +123,75 @@ fn ctrl_c_removes_what_the_demo_made() {
     let (dir, ports) = site(&output);
     assert_gone(&dir, &ports, &output);
 }
+
+/// `--keep` leaves blue, green and pgswitch running and prints how to reach
+/// and stop them; the printed commands work: pgswitch answers through its
+/// psql line, and the stop commands leave nothing behind.
+#[test]
+fn keep_leaves_it_running_and_the_printed_commands_stop_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgswitch"))
+        .args(["demo", "--keep"])
+        .output()
+        .unwrap();
+    let output = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{output}");
+    let (dir, ports) = site(&output);
+    assert!(std::path::Path::new(&dir).exists(), "{output}");
+    let line = |label: &str| {
+        output
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(label))
+            .map(|l| l.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {label:?} line: {output}"))
+    };
+    // The printed stop commands, run at the end, also when a check fails.
+    struct Stop(Vec<String>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            for command in &self.0 {
+                let ok = Command::new("bash")
+                    .args(["-c", command])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok || std::thread::panicking(), "{command} failed");
+            }
+        }
+    }
+    let stop = Stop(
+        output
+            .lines()
+            .skip_while(|l| !l.starts_with("To stop it:"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("pgswitch demo:"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    );
+    assert_eq!(stop.0.len(), 4, "{output}");
+    let psql_bin = format!("{}/psql", pg15_bin_dir().display());
+    let through = line("pgswitch:").replacen("psql", &psql_bin, 1);
+    let answer = Command::new("bash")
+        .args([
+            "-c",
+            &format!("{through} -Atc 'SELECT count(*) > 0 FROM orders'"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&answer.stdout).trim(),
+        "t",
+        "{}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
+    drop(stop);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ports
+        .iter()
+        .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_gone(&dir, &ports, &output);
+}

@@ -200,6 +200,7 @@ async fn demo(options: &Options, site_slot: &mut Option<Site>) -> Result<bool, D
     ));
     ok &= totals.errors == 0 && lost == 0;
     if options.keep {
+        let pid = site.proxy.as_ref().map(|c| c.id()).unwrap_or(0);
         print_keep(
             &dir,
             &blue,
@@ -208,6 +209,7 @@ async fn demo(options: &Options, site_slot: &mut Option<Site>) -> Result<bool, D
             &admin_url,
             &token,
             &config_path,
+            pid,
         );
     }
     say(if ok {
@@ -369,6 +371,7 @@ async fn lost_rows(blue: &Server, acked: &[i64]) -> Result<i64, DemoError> {
         .map_err(|e| DemoError::Step(format!("count lost rows: {e}")))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn print_keep(
     dir: &Path,
     blue: &Server,
@@ -377,6 +380,7 @@ fn print_keep(
     admin_url: &str,
     token: &str,
     config: &Path,
+    pgswitch_pid: u32,
 ) {
     let psql = |s: &Server| {
         format!(
@@ -393,13 +397,12 @@ fn print_keep(
          \x20 dashboard:  {admin_url}/ (token {token})\n\
          \x20 config:     {}\n\
          To stop it:\n\
-         \x20 kill $(pgrep -f 'pgswitch run --config {}')\n\
+         \x20 kill {pgswitch_pid}\n\
          \x20 {}\n\
          \x20 {}\n\
          \x20 rm -rf {}",
         psql(blue),
         psql(green),
-        config.display(),
         config.display(),
         blue.stop_command(),
         green.stop_command(),
