@@ -23,6 +23,7 @@ pub mod demo;
 pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
+pub mod pg_bin;
 pub mod pool;
 pub mod prepare;
 pub mod protocol;

@@ -14,41 +14,17 @@ pub struct Install {
     pub bin: PathBuf,
 }
 
-/// Where to look: `--pg-bin`, `PATH`, `/usr/lib/postgresql/*/bin`, and the
-/// PostgreSQL 17 package `scripts/install-pg17.sh` installs.
-fn candidate_dirs(pg_bin: Option<&Path>) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = pg_bin.map(Path::to_path_buf).into_iter().collect();
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut found: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("bin"))
-            .collect();
-        found.sort();
-        dirs.extend(found);
-    }
-    let pg17 = std::env::var_os("PGSWITCH_PG17_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/pgswitch/pg17"));
-    dirs.push(pg17.join("package/native/bin"));
-    let mut seen = std::collections::HashSet::new();
-    dirs.retain(|d| seen.insert(d.canonicalize().unwrap_or_else(|_| d.clone())));
-    dirs
-}
-
 /// Every installation found, one per major version, oldest first.
 pub fn find(pg_bin: Option<&Path>) -> Vec<Install> {
     let mut found: Vec<Install> = Vec::new();
-    for dir in candidate_dirs(pg_bin) {
+    for dir in crate::pg_bin::candidate_dirs(pg_bin) {
         if !["initdb", "pg_ctl", "postgres"]
             .iter()
             .all(|p| dir.join(p).is_file())
         {
             continue;
         }
-        let Some(major) = major_version(&dir.join("postgres")) else {
+        let Some(major) = crate::pg_bin::major_version(&dir.join("postgres")) else {
             continue;
         };
         if found.iter().all(|i| i.major != major) {
@@ -57,22 +33,6 @@ pub fn find(pg_bin: Option<&Path>) -> Vec<Install> {
     }
     found.sort_by_key(|i| i.major);
     found
-}
-
-fn major_version(program: &Path) -> Option<u32> {
-    let out = std::process::Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let after = text.split(") ").nth(1)?;
-    after
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
 }
 
 /// Whether this process is root (then servers run as `postgres`).

@@ -26,45 +26,16 @@ pub struct Tools {
     pub dump_major: u32,
 }
 
-/// Where to look, in order: `--pg-bin`, every `PATH` entry, then each
-/// `/usr/lib/postgresql/<major>/bin`.
-fn candidate_dirs(pg_bin: Option<&Path>) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = pg_bin.map(Path::to_path_buf).into_iter().collect();
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut found: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("bin"))
-            .collect();
-        found.sort();
-        dirs.extend(found);
-    }
-    let mut seen = std::collections::HashSet::new();
-    dirs.retain(|d| seen.insert(d.clone()));
-    dirs
-}
+use crate::pg_bin::candidate_dirs;
 
-/// The major version a PostgreSQL program reports (`pg_dump (PostgreSQL)
-/// 15.18 (Debian ...)` → 15); `None` when it does not run.
+/// The major version a PostgreSQL program reports (off the executor: it
+/// runs the program); `None` when it does not run.
 async fn major_version(program: &Path) -> Option<u32> {
-    let out = tokio::process::Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || crate::pg_bin::major_version(&program))
         .await
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    parse_major(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn parse_major(version: &str) -> Option<u32> {
-    let after = version.split(") ").nth(1)?;
-    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+        .ok()
+        .flatten()
 }
 
 /// The newest pg_dump (with a pg_dumpall and a pg_restore beside it) of major version at
@@ -269,15 +240,6 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn parses_the_major_version() {
-        assert_eq!(
-            super::parse_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-1.pgdg120+1)\n"),
-            Some(15)
-        );
-        assert_eq!(super::parse_major("psql (PostgreSQL) 17.2\n"), Some(17));
-        assert_eq!(super::parse_major("garbage"), None);
-    }
 
     #[test]
     fn quotes_the_database_name() {
