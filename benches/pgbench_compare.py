@@ -34,6 +34,7 @@ TARGETS = [("pgswitch", "pgswitch"), ("pgbouncer", "PgBouncer"), ("direct", "dir
 
 # Targets from the brief.
 TPS_VS_PGBOUNCER_MIN = 1.0
+CPU_PER_TX_VS_PGBOUNCER_MAX = 0.85  # the proxy's own CPU per transaction (issue 17)
 TPS_VS_DIRECT_MIN_SELECT = 0.85
 KIB_PER_IDLE_CLIENT_MAX = 8.0
 OTHER_CPU_WARN_PCT = 10  # CPU used by processes not ours during a run above this marks the run
@@ -94,6 +95,7 @@ def cmd_parse(a):
         "other_cpu_pct": other_cpu_pct(a.cpu_before, a.cpu_after) if a.cpu_before and a.cpu_after else None,
         "cpu_snapshots": [a.cpu_before, a.cpu_after],
     }
+    rec.update(proxy_cost(a.proc_before, a.proc_after, len(lat)))
     aborted = re.search(r"(client \d+ aborted.*|Run was aborted.*)", out)
     if a.rc != 0 or tps is None or not lat or aborted:
         rec["status"] = "error"
@@ -118,6 +120,48 @@ def cmd_parse(a):
     )
     # Log files are large; the caller may delete them once parsed.
     return 0
+
+
+def cmd_proc_snapshot(a):
+    """Print: utime stime (clock ticks) voluntary nonvoluntary (context
+    switches) of one process and its threads, for the proxy's own cost."""
+    with open(f"/proc/{a.pid}/stat") as f:
+        data = f.read()
+    rest = data[data.rindex(")") + 2:].split()
+    utime, stime = int(rest[11]), int(rest[12])
+    vol = nonvol = 0
+    # The process's status counts only its main thread; sum every thread's.
+    for tid in os.listdir(f"/proc/{a.pid}/task"):
+        try:
+            with open(f"/proc/{a.pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        nonvol += int(line.split()[1])
+        except OSError:
+            pass
+    print(utime, stime, vol, nonvol)
+    return 0
+
+
+def proxy_cost(before, after, transactions):
+    """The proxy's user and system CPU (µs) and context switches per
+    transaction between two proc-snapshots; {} without them."""
+    try:
+        b = [int(x) for x in before.split()]
+        e = [int(x) for x in after.split()]
+    except (AttributeError, ValueError):
+        return {}
+    if len(b) != 4 or len(e) != 4 or transactions <= 0:
+        return {}
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    return {
+        "proxy_user_us_per_tx": (e[0] - b[0]) * tick_us / transactions,
+        "proxy_sys_us_per_tx": (e[1] - b[1]) * tick_us / transactions,
+        "proxy_vol_cs_per_tx": (e[2] - b[2]) / transactions,
+        "proxy_invol_cs_per_tx": (e[3] - b[3]) / transactions,
+    }
 
 
 def _stat_fields(pid):
@@ -352,6 +396,33 @@ def render(records, memory, meta):
                         f"{', '.join(f'{v:.2f}' for v in c['p99_rounds'])} | "
                         f"{', '.join('?' if v is None else f'{v:.0f}' for v in c['other_rounds'])} |"
                     )
+        cpu_rows = []
+        for w, wname in WORKLOADS:
+            per = {}
+            for t, tname in TARGETS:
+                ok = [r for r in records if r["workload"] == w and r["target"] == t
+                      and r.get("status") == "ok" and r.get("proxy_user_us_per_tx") is not None]
+                if not ok:
+                    continue
+                user = med([r["proxy_user_us_per_tx"] for r in ok])
+                system = med([r["proxy_sys_us_per_tx"] for r in ok])
+                vol = med([r["proxy_vol_cs_per_tx"] for r in ok])
+                invol = med([r["proxy_invol_cs_per_tx"] for r in ok])
+                per[t] = user + system
+                cpu_rows.append(f"| {wname} | {tname} | {user:.2f} | {system:.2f} | {user + system:.2f} | "
+                                f"{vol:.3f} | {invol:.3f} |")
+            if "pgswitch" in per and "pgbouncer" in per:
+                r = ratio(per["pgswitch"], per["pgbouncer"])
+                cpu_rows.append(f"| {wname} | *pgswitch/PgBouncer* | | | *{fx(r)}* | | |")
+                checks.append((f"{wname}: proxy CPU per transaction ≤ {CPU_PER_TX_VS_PGBOUNCER_MAX:.2f}× PgBouncer's",
+                               r, r is not None and r <= CPU_PER_TX_VS_PGBOUNCER_MAX))
+        if cpu_rows:
+            out.append("")
+            out.append("The proxy's own CPU per transaction (user + system of its process, from /proc, "
+                       "medians over rounds; context switches of all its threads):\n")
+            out.append("| workload | target | user µs | system µs | total µs | voluntary cs | involuntary cs |")
+            out.append("|---|---|---:|---:|---:|---:|---:|")
+            out.extend(cpu_rows)
         errs = [(w, t, c["error_note"]) for (w, t), c in cells.items() if c.get("error_note")]
         if errs:
             out.append("")
@@ -417,8 +488,13 @@ def main():
     p.add_argument("--busy", type=int, default=None, help="CPU %% busy just before the run")
     p.add_argument("--cpu-before", default="", help="cpu-snapshot output taken before the run")
     p.add_argument("--cpu-after", default="", help="cpu-snapshot output taken after the run")
+    p.add_argument("--proc-before", default="", help="proc-snapshot of the proxy before the run")
+    p.add_argument("--proc-after", default="", help="proc-snapshot of the proxy after the run")
     p.add_argument("--results", required=True)
     p.set_defaults(fn=cmd_parse)
+    p = sub.add_parser("proc-snapshot")
+    p.add_argument("pid", type=int)
+    p.set_defaults(fn=cmd_proc_snapshot)
     p = sub.add_parser("cpu-snapshot")
     p.add_argument("pids", type=int, nargs="*")
     p.set_defaults(fn=cmd_cpu_snapshot)

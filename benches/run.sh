@@ -184,7 +184,7 @@ wait_quiet() {  # wait (at most BENCH_QUIET_WAIT s) until other processes leave 
 }
 
 run_pgbench() {  # target workload round secs [record]
-    local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags snap0 snap1 attempt
+    local t=$1 w=$2 r=$3 secs=$4 record=${5:-1} port dir rc flags snap0 snap1 attempt proxy_pid psnap0 psnap1
     port=$(target_port "$t")
     flags=$(workload_flags "$w")
     dir="$LOGDIR/$w-$t-$r"
@@ -192,6 +192,9 @@ run_pgbench() {  # target workload round secs [record]
         rm -rf "$dir"; mkdir -p "$dir"
         # CPU used by everything outside our process trees during the run = interference.
         snap0=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
+        # The proxy's own CPU and context switches, per transaction.
+        proxy_pid=${PIDS[$t]:-}
+        psnap0=$([ -n "$proxy_pid" ] && $COMPARE proc-snapshot "$proxy_pid" || true)
         set +e
         # --foreground keeps pgbench in our process group so Ctrl-C stops it at once.
         # shellcheck disable=SC2086
@@ -202,13 +205,15 @@ run_pgbench() {  # target workload round secs [record]
         rc=$?
         set -e
         snap1=$($COMPARE cpu-snapshot $$ "$(head -1 "$WORK/pgdata/postmaster.pid")")
+        psnap1=$([ -n "$proxy_pid" ] && $COMPARE proc-snapshot "$proxy_pid" || true)
         if [ "$rc" -ge 128 ] && [ "$rc" != 255 ]; then log "pgbench killed by a signal (rc $rc)"; exit 130; fi
         if [ "$record" != 1 ]; then
             [ "$rc" = 0 ] || log "warm-up through $t failed (rc $rc): $(tail -1 "$dir/out.err")"
             break
         fi
         $COMPARE parse --log-prefix "$dir/tx" --stdout "$dir/out" --rc "$rc" --workload "$w" --target "$t" \
-            --round "$r" --cpu-before "$snap0" --cpu-after "$snap1" --results "$dir/rec.jsonl" >&2
+            --round "$r" --cpu-before "$snap0" --cpu-after "$snap1" \
+            --proc-before "$psnap0" --proc-after "$psnap1" --results "$dir/rec.jsonl" >&2
         # A run disturbed by other work on the machine is repeated once it is quiet again.
         if [ "$attempt" -lt "$RETRIES" ] && $COMPARE disturbed "$dir/rec.jsonl"; then
             log "    disturbed by other processes: waiting for a quiet machine, then repeating (retry $((attempt + 1))/$RETRIES)"
