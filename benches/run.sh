@@ -14,6 +14,7 @@
 #   BENCH_RETRIES [2]   repeats of a run in which other processes took >10% of the CPUs
 #   BENCH_QUIET_WAIT [60]  seconds to wait for an idle machine before such a repeat
 #   PGSWITCH_BIN [target/release/pgswitch]   PG_BINDIR [/usr/lib/postgresql/15/bin]
+#   BENCH_PGSWITCH_THREADS [0]  pgswitch's [proxy] worker_threads (0: one per core)
 #   BENCH_KEEP=1        keep the temp dir (logs, configs) after exit
 set -euo pipefail
 
@@ -128,6 +129,7 @@ auth_method = "$auth"
 default_pool_size = $POOL
 max_client_conn = 20000
 log_level = "warn"
+worker_threads = ${BENCH_PGSWITCH_THREADS:-0}
 tls_cert = "$TLS_CERT"
 tls_key = "$TLS_KEY"
 
