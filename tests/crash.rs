@@ -22,10 +22,12 @@ use tokio_postgres::Client;
 const FORWARD: &str = "pgswitch";
 const REVERSE: &str = "pgswitch_reverse";
 
-/// Points of a cutover in order; the commit point lies between `persist`
+/// Points of a cutover in order (`checks`, the preflight's, comes before the
+/// intent); the commit point lies between `persist`
 /// and `switched`. `unfence` is there because green carries the fence of
 /// an earlier fallback.
 const CUTOVER_POINTS: &[&str] = &[
+    "checks",
     "intent",
     "prepare",
     "unfence",
@@ -420,9 +422,15 @@ async fn crash_server_at_every_phase(
         // point itself is the local state file, so the switch goes through
         // and the target takes the traffic once it is back.
         let switched = committed(point) || *point == "persist";
+        // The preflight's checks come before the intent: nothing has
+        // changed yet, so a server lost there refuses the switch.
+        let expected = match (switched, *point) {
+            (true, _) => "switched",
+            (false, "checks") => "refused",
+            (false, _) => "aborted",
+        };
         assert_eq!(
-            report["outcome"],
-            if switched { "switched" } else { "aborted" },
+            report["outcome"], expected,
             "{context}: HTTP {code} {report}"
         );
         restart(p, crashed).await;
@@ -461,7 +469,7 @@ async fn restart(p: &mut Pair, side: &str) {
 }
 
 const TARGET_CRASH_POINTS: &[&str] = &[
-    "prepare", "warm", "drain", "catch_up", "switch", "persist", "switched",
+    "checks", "prepare", "warm", "drain", "catch_up", "switch", "persist", "switched",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -715,7 +723,7 @@ async fn old_side_crash_during_a_cutover() {
         "/fallback",
         "blue",
         "blue",
-        &["warm", "drain", "catch_up", "switch", "persist"],
+        &["checks", "warm", "drain", "catch_up", "switch", "persist"],
     )
     .await;
 }

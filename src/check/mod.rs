@@ -274,8 +274,18 @@ impl Findings {
 }
 
 async fn texts(c: &Client, sql: &str, step: &str) -> Result<Vec<String>, ReplicationError> {
+    texts_with(c, sql, &[], step).await
+}
+
+/// The first column of every row `sql` returns with `params`, as text.
+async fn texts_with(
+    c: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    step: &str,
+) -> Result<Vec<String>, ReplicationError> {
     let rows = c
-        .query(sql, &[])
+        .query(sql, params)
         .await
         .map_err(|e| ReplicationError::sql(step, e))?;
     rows.iter()

@@ -4,9 +4,17 @@
 
 use tokio_postgres::Client;
 
-use super::{Findings, Level};
+use super::{texts_with, Findings, Level};
 use crate::config::{Config, Side};
 use crate::replication::{self, ReplicationError};
+
+/// Client sessions other than this one, pgswitch's control connections
+/// (`$1`, its application_name) and a serving pgswitch's server connections
+/// (`$3`, `host:port` as the server sees them).
+const OTHER_CLIENTS: &str = "FROM pg_catalog.pg_stat_activity \
+    WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() \
+      AND application_name <> $1 \
+      AND NOT (coalesce(host(client_addr), '') || ':' || coalesce(client_port, 0)) = ANY($3)";
 
 /// Sessions on the side that takes the traffic that do not come through
 /// pgswitch (a cron job still pointed at blue writes to a fenced database
@@ -23,15 +31,12 @@ pub(super) async fn bypassing(
     let roles = config.application_roles();
     let rows = c
         .query(
-            "SELECT usename::text || '@' || coalesce(host(client_addr), 'local') || \
-                    CASE WHEN application_name <> '' THEN ' (' || application_name || ')' ELSE '' END, \
-                    coalesce(extract(epoch FROM now() - xact_start), 0)::float8 \
-               FROM pg_catalog.pg_stat_activity \
-              WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() \
-                AND application_name <> $1 \
-                AND NOT (coalesce(host(client_addr), '') || ':' || coalesce(client_port, 0)) = ANY($3) \
-                AND (usename = ANY($2) OR xact_start IS NOT NULL) \
-              ORDER BY 1",
+            &format!(
+                "SELECT usename::text || '@' || coalesce(host(client_addr), 'local') || \
+                        CASE WHEN application_name <> '' THEN ' (' || application_name || ')' ELSE '' END, \
+                        coalesce(extract(epoch FROM now() - xact_start), 0)::float8 \
+                 {OTHER_CLIENTS} AND (usename = ANY($2) OR xact_start IS NOT NULL) ORDER BY 1"
+            ),
             &[&replication::APPLICATION_NAME, &roles, &own],
         )
         .await
@@ -81,19 +86,15 @@ pub(super) async fn roles(
 ) -> Result<(), ReplicationError> {
     let wanted = config.application_roles();
     let step = "roles";
-    let rows = c
-        .query(
-            "SELECT r FROM unnest($1::text[]) r WHERE NOT EXISTS \
-               (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r AND rolcanlogin \
-                   AND (rolvaliduntil IS NULL OR rolvaliduntil > now())) ORDER BY 1",
-            &[&wanted],
-        )
-        .await
-        .map_err(|e| ReplicationError::sql(step, e))?;
-    let missing = rows
-        .iter()
-        .map(|row| row.try_get(0).map_err(|e| ReplicationError::sql(step, e)))
-        .collect::<Result<Vec<String>, _>>()?;
+    let missing = texts_with(
+        c,
+        "SELECT r FROM unnest($1::text[]) r WHERE NOT EXISTS \
+           (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r AND rolcanlogin \
+               AND (rolvaliduntil IS NULL OR rolvaliduntil > now())) ORDER BY 1",
+        &[&wanted],
+        step,
+    )
+    .await?;
     r.objects(
         "roles",
         side,
@@ -118,23 +119,21 @@ pub(super) async fn writes_on_target(
     own: &[String],
 ) -> Result<(), ReplicationError> {
     let step = "sessions on the target";
-    let found = c
-        .query(
+    let found = texts_with(
+        c,
+        &format!(
             "SELECT usename::text || '@' || coalesce(host(client_addr), 'local') || \
                     CASE WHEN backend_xid IS NOT NULL THEN ' (writing)' ELSE '' END \
-               FROM pg_catalog.pg_stat_activity \
-              WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() \
-                AND application_name <> $1 \
-                AND NOT (coalesce(host(client_addr), '') || ':' || coalesce(client_port, 0)) = ANY($3) \
-                AND (usename = ANY($2) OR backend_xid IS NOT NULL) \
-              ORDER BY 1",
-            &[&replication::APPLICATION_NAME, &config.application_roles(), &own],
-        )
-        .await
-        .map_err(|e| ReplicationError::sql(step, e))?
-        .iter()
-        .map(|row| row.try_get(0).map_err(|e| ReplicationError::sql(step, e)))
-        .collect::<Result<Vec<String>, _>>()?;
+             {OTHER_CLIENTS} AND (usename = ANY($2) OR backend_xid IS NOT NULL) ORDER BY 1"
+        ),
+        &[
+            &replication::APPLICATION_NAME,
+            &config.application_roles(),
+            &own,
+        ],
+        step,
+    )
+    .await?;
     r.objects(
         "writes_on_target",
         side,
