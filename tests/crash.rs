@@ -759,3 +759,42 @@ async fn sigkill_in_the_middle_of_a_decommission() {
         assert!(st["unreconciled"].is_null(), "{point}: {st}");
     }
 }
+
+/// Blue (the old side, still fenced) crashes in the middle of a
+/// decommission, after the replication was dropped and before the fences
+/// are lifted: the decommission fails, says why, and leaves the state file
+/// as it was; once blue is back a re-run finishes, nothing left anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_side_crash_in_the_middle_of_a_decommission() {
+    let mut p = pair().await;
+    let mut proxy = Proxy::start(&proxy_config(&p, "fallback_window = \"0s\"", ""));
+    must_switch(&proxy, "/cutover").await;
+    let release = p.dir.path().join("release");
+    proxy.env = stall_env("decommission_dropped");
+    proxy.env.push((
+        "PGSWITCH_TEST_STALL_RELEASE".into(),
+        release.display().to_string(),
+    ));
+    proxy.restart();
+    let request = held_switch(&proxy, "/decommission", "decommission_dropped").await;
+    p.blue.kill();
+    std::fs::write(&release, b"").unwrap();
+    let (code, body) = request.await.unwrap();
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (code, report["outcome"].as_str()),
+        (409, Some("failed")),
+        "{report}"
+    );
+    assert!(status(&proxy).await["decommissioned_at_ms"].is_null());
+    restart(&mut p, "blue").await;
+    let done = wait_for(WAIT, || async {
+        let (code, report) = switch(&proxy, "/decommission", "").await;
+        (code == 200).then_some(report)
+    })
+    .await;
+    assert!(done.is_some(), "the re-run never finished");
+    assert_eq!(p.replication_leftovers().await, Vec::<String>::new());
+    let c = connect(&proxy, "app").await.unwrap();
+    assert_eq!(server_port(&c).await, i32::from(p.green.port));
+}
