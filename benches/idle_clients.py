@@ -3,10 +3,13 @@
 
 Each client sends a protocol 3.0 StartupMessage (user/database), expects
 trust authentication (AuthenticationOk) and reads until ReadyForQuery ('Z'),
-so every connection counted is a completed login.  When all are logged in it
-writes the ready file (contents: number of clients logged in) and then holds
-every socket open until SIGTERM/SIGINT/SIGUSR1 arrives or the stop file
-appears; then it sends Terminate ('X') on each and exits.
+so every connection counted is a completed login.  With --tls each client
+first sends an SSLRequest, expects 'S' and upgrades the connection to TLS
+(no certificate verification: the bench's certificate is self-signed), then
+logs in the same way.  When all are logged in it writes the ready file
+(contents: number of clients logged in) and then holds every socket open
+until SIGTERM/SIGINT/SIGUSR1 arrives or the stop file appears; then it sends
+Terminate ('X') on each and exits.
 
 Stdlib only.  Needs `ulimit -n` above N (the caller raises it).
 """
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import os
 import signal
+import ssl
 import struct
 import sys
 import time
@@ -31,9 +35,27 @@ def startup_message(user, database):
     return struct.pack("!I", len(body) + 4) + body
 
 
-async def login(host, port, msg, timeout):
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+
+
+def client_tls_context():
+    """TLS without verification: the bench's server certificate is self-signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def login(host, port, msg, timeout, tls=None):
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
+        if tls is not None:
+            writer.write(SSL_REQUEST)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readexactly(1), timeout)
+            if answer != b"S":
+                raise LoginError(f"server refused TLS (answered {answer!r} to SSLRequest)")
+            await asyncio.wait_for(writer.start_tls(tls), timeout)
         writer.write(msg)
         await writer.drain()
         while True:
@@ -70,10 +92,12 @@ async def main():
     ap.add_argument("--retries", type=int, default=3)
     ap.add_argument("--ready-file", required=True)
     ap.add_argument("--stop-file", default=None)
+    ap.add_argument("--tls", action="store_true", help="SSLRequest, then TLS (unverified) before the login")
     ap.add_argument("--hold-max", type=float, default=600.0, help="give up holding after this many seconds")
     args = ap.parse_args()
 
     msg = startup_message(args.user, args.database)
+    tls = client_tls_context() if args.tls else None  # one context shared by every client
     conns = []
     errors = []
     sem = asyncio.Semaphore(args.concurrency)
@@ -83,7 +107,7 @@ async def main():
             last = None
             for attempt in range(args.retries + 1):
                 try:
-                    conns.append(await login(args.host, args.port, msg, args.timeout))
+                    conns.append(await login(args.host, args.port, msg, args.timeout, tls))
                     return
                 except LoginError as e:  # a protocol-level refusal: don't retry
                     last = e
@@ -97,7 +121,7 @@ async def main():
     await asyncio.gather(*(one(i) for i in range(args.clients)))
     elapsed = time.monotonic() - t0
     print(
-        f"idle_clients: {len(conns)}/{args.clients} logged in in {elapsed:.1f}s, {len(errors)} failed",
+        f"idle_clients: {len(conns)}/{args.clients} logged in{' over TLS' if tls else ''} in {elapsed:.1f}s, {len(errors)} failed",
         file=sys.stderr,
         flush=True,
     )

@@ -6,7 +6,8 @@
           JSON line to FILE and prints a one-line summary.
   mark    --workload W --target T --status n/a|skipped --note TEXT --results FILE
           records that a cell was deliberately not run.
-  memory  --target T --clients N --logged-in N --rss-before KiB --rss-after KiB [--hwm KiB] --results FILE
+  memory  --target T [--transport plain|tls] --clients N --logged-in N --rss-before KiB --rss-after KiB
+          [--hwm KiB] --results FILE
   report  --results FILE [--memory FILE] [--meta FILE] [--out FILE.md]
           prints the Markdown report (and writes it to --out).
 
@@ -37,6 +38,8 @@ TPS_VS_PGBOUNCER_MIN = 1.0
 CPU_PER_TX_VS_PGBOUNCER_MAX = 0.85  # the proxy's own CPU per transaction (issue 17)
 TPS_VS_DIRECT_MIN_SELECT = 0.85
 KIB_PER_IDLE_CLIENT_MAX = 8.0
+KIB_PER_IDLE_CLIENT_GOAL = 1.5  # the project's target for an idle plain-TCP client
+TRANSPORTS = [("plain", "plain"), ("tls", "TLS")]  # client connection of the idle-client test
 OTHER_CPU_WARN_PCT = 10  # CPU used by processes not ours during a run above this marks the run
 
 
@@ -245,6 +248,7 @@ def cmd_mark(a):
 def cmd_memory(a):
     rec = {
         "target": a.target,
+        "transport": a.transport,
         "clients": a.clients,
         "logged_in": a.logged_in,
         "rss_before_kib": a.rss_before,
@@ -432,33 +436,53 @@ def render(records, memory, meta):
         out.append("")
     if memory:
         out.append("## Memory: idle clients\n")
-        out.append("| target | clients logged in | RSS before (KiB) | RSS after (KiB) | KiB per idle client |")
-        out.append("|---|---:|---:|---:|---:|")
+        out.append("| target | client connection | clients logged in | RSS before (KiB) | RSS after (KiB) "
+                   "| KiB per idle client |")
+        out.append("|---|---|---:|---:|---:|---:|")
+        kib = {}  # (target, transport) -> KiB per idle client, when every client logged in
+        tls_kpc = None
         for m in memory:
             name = dict(TARGETS).get(m["target"], m["target"])
+            transport = m.get("transport", "plain")  # records from before the TLS row are plain
+            conn = dict(TRANSPORTS).get(transport, transport)
             if m.get("status", "ok") != "ok":
-                out.append(f"| {name} | {m.get('status')} ({m.get('note') or ''}) | | | |")
+                out.append(f"| {name} | {conn} | {m.get('status')} ({m.get('note') or ''}) | | | |")
                 continue
             kpc = m.get("kib_per_client")
-            out.append(
-                f"| {name} | {m['logged_in']}/{m['clients']} | {m['rss_before_kib']} | {m['rss_after_kib']} | "
-                f"{kpc:.2f} |" if kpc is not None else f"| {name} | {m['logged_in']}/{m['clients']} | | | n/a |"
-            )
+            all_in = m["logged_in"] == m["clients"]
+            if kpc is not None:
+                out.append(f"| {name} | {conn} | {m['logged_in']}/{m['clients']} | {m['rss_before_kib']} | "
+                           f"{m['rss_after_kib']} | {kpc:.2f} |")
+            else:
+                out.append(f"| {name} | {conn} | {m['logged_in']}/{m['clients']} | | | n/a |")
+            if kpc is not None and all_in:
+                kib[(m["target"], transport)] = kpc
             if m["target"] == "pgswitch":
-                ok = kpc is not None and m["logged_in"] == m["clients"]
-                checks.append((f"idle client memory ≤ {KIB_PER_IDLE_CLIENT_MAX:.0f} KiB",
-                               kpc, None if kpc is None else (kpc <= KIB_PER_IDLE_CLIENT_MAX and ok)))
+                if transport == "plain":
+                    for limit in (KIB_PER_IDLE_CLIENT_MAX, KIB_PER_IDLE_CLIENT_GOAL):
+                        checks.append((f"idle client memory ≤ {limit:g} KiB", kpc,
+                                       None if kpc is None else (kpc <= limit and all_in)))
+                else:
+                    tls_kpc = kpc
+        for transport, conn in TRANSPORTS:
+            r = ratio(kib.get(("pgswitch", transport)), kib.get(("pgbouncer", transport)))
+            if r is not None:
+                out.append(f"| *pgswitch/PgBouncer* | {conn} | | | | *{fx(r)}* |")
+            if transport == "tls" and tls_kpc is not None:  # reported, no target
+                vs = f", {fx(r)} PgBouncer's" if r is not None else ""
+                checks.append((f"idle client memory over TLS (no target{vs})", tls_kpc, "info"))
         out.append("")
     if checks:
         out.append("## Targets (pgswitch)\n")
         out.append("| target | measured | result |")
         out.append("|---|---:|---|")
         for name, v, ok in checks:
-            if "KiB" in name:
+            if "memory" in name:
                 val = f"{v:.2f} KiB" if v is not None else "n/a"
             else:
                 val = fx(v) if v is not None or ok is not False else "error"
-            out.append(f"| {name} | {val} | {'n/a' if ok is None else ('PASS' if ok else 'FAIL')} |")
+            res = "n/a" if ok is None else "—" if ok == "info" else "PASS" if ok else "FAIL"
+            out.append(f"| {name} | {val} | {res} |")
         out.append("")
     return "\n".join(out)
 
@@ -510,6 +534,8 @@ def main():
     p.set_defaults(fn=cmd_mark)
     p = sub.add_parser("memory")
     p.add_argument("--target", required=True)
+    p.add_argument("--transport", choices=[t for t, _ in TRANSPORTS], default="plain",
+                   help="client connection: plain TCP or client TLS")
     p.add_argument("--clients", type=int, required=True)
     p.add_argument("--logged-in", type=int, default=0)
     p.add_argument("--rss-before", type=int)

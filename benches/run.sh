@@ -265,8 +265,10 @@ run_throughput() {
 }
 
 # ---------------------------------------------------------------- memory
-measure_idle() {  # name target-label port pid
-    local name=$1 t=$2 port=$3 pid=$4 before after hwm ready="$WORK/$1.ready" i got
+measure_idle() {  # name target port pid transport(plain|tls)
+    local name=$1 target=$2 port=$3 pid=$4 transport=$5 t before after hwm ready="$WORK/$1.ready" i got
+    local tls_flag=() rec=(--target "$2" --transport "$5" --clients "$IDLE" --results "$MEMRESULTS")
+    t=$target; [ "$transport" = tls ] && { t="$target (TLS)"; tls_flag=(--tls); }
     # One login+query first so the server-side pool / parameter cache exists before "before".
     PGCONNECT_TIMEOUT=10 timeout 20 "$PG_BINDIR/psql" -X -At -h 127.0.0.1 -p "$port" -U bench -d bench \
         -c "SELECT 1" >/dev/null 2>&1 || log "warning: warm-up query through $t failed"
@@ -274,7 +276,7 @@ measure_idle() {  # name target-label port pid
     before=$(rss_kib "$pid")
     log "$t: RSS before $before KiB; connecting $IDLE idle clients"
     rm -f "$ready"
-    setsid "$PY" "$HERE/idle_clients.py" --port "$port" -n "$IDLE" --ready-file "$ready" \
+    setsid "$PY" "$HERE/idle_clients.py" "${tls_flag[@]}" --port "$port" -n "$IDLE" --ready-file "$ready" \
         --stop-file "$WORK/$name.stop" 2>"$WORK/$name.idle.err" &
     IDLE_PID=$!
     for i in $(seq 1 3000); do
@@ -285,14 +287,14 @@ measure_idle() {  # name target-label port pid
     if [ ! -f "$ready" ]; then
         cat "$WORK/$name.idle.err" >&2
         stop_pid idle_clients "$IDLE_PID"; IDLE_PID=""
-        $COMPARE memory --target "$t" --clients "$IDLE" --status error --note "connector failed" --results "$MEMRESULTS"
+        $COMPARE memory "${rec[@]}" --status error --note "connector failed"
         return 0
     fi
     sleep 2
     if ! kill -0 "$pid" 2>/dev/null; then
         log "$t died while holding idle clients"
         stop_pid idle_clients "$IDLE_PID"; IDLE_PID=""
-        $COMPARE memory --target "$t" --clients "$IDLE" --status error --note "proxy died" --results "$MEMRESULTS"
+        $COMPARE memory "${rec[@]}" --status error --note "proxy died"
         return 0
     fi
     after=$(rss_kib "$pid"); hwm=$(hwm_kib "$pid")
@@ -304,22 +306,33 @@ measure_idle() {  # name target-label port pid
         -c "SELECT 1" >/dev/null 2>&1 || log "warning: $t did not answer a query while holding $got idle clients"
     touch "$WORK/$name.stop"
     stop_pid idle_clients "$IDLE_PID"; IDLE_PID=""
-    $COMPARE memory --target "$t" --clients "$IDLE" --logged-in "$got" --rss-before "$before" \
-        --rss-after "$after" --hwm "$hwm" --results "$MEMRESULTS"
+    $COMPARE memory "${rec[@]}" --logged-in "$got" --rss-before "$before" --rss-after "$after" --hwm "$hwm"
 }
 
+# Plain TCP, then client TLS (both proxies have the bench's certificate), each with a
+# fresh proxy process, so that memory the first run leaves behind is not in the second's
+# "before".
 run_memory() {
+    local transport name port
     [ -n "${TLS_CERT:-}" ] || make_tls_cert
-    if [ "$SKIP_PGSWITCH" = 0 ] && start_pgswitch pgswitch_mem trust; then
-        measure_idle pgswitch_mem pgswitch "$PORT_pgswitch_mem" "${PIDS[pgswitch_mem]}"
-        stop_named pgswitch_mem
-    else
-        $COMPARE memory --target pgswitch --clients "$IDLE" --status skipped --note "not built or not working" \
-            --results "$MEMRESULTS"
-    fi
-    start_pgbouncer pgbouncer_mem trust
-    measure_idle pgbouncer_mem pgbouncer "$PORT_pgbouncer_mem" "${PIDS[pgbouncer_mem]}"
-    stop_named pgbouncer_mem
+    for transport in plain tls; do
+        name=pgswitch_mem_$transport
+        if [ "$SKIP_PGSWITCH" = 0 ] && start_pgswitch "$name" trust; then
+            port=PORT_$name
+            measure_idle "$name" pgswitch "${!port}" "${PIDS[$name]}" "$transport"
+            stop_named "$name"
+        else
+            $COMPARE memory --target pgswitch --transport "$transport" --clients "$IDLE" --status skipped \
+                --note "not built or not working" --results "$MEMRESULTS"
+        fi
+    done
+    for transport in plain tls; do
+        name=pgbouncer_mem_$transport
+        start_pgbouncer "$name" trust
+        port=PORT_$name
+        measure_idle "$name" pgbouncer "${!port}" "${PIDS[$name]}" "$transport"
+        stop_named "$name"
+    done
 }
 
 # ---------------------------------------------------------------- main
@@ -345,7 +358,7 @@ json.dump({
     "machine": f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}",
     "versions": "PostgreSQL $PGV, PgBouncer $PBV, pgswitch $SWV ($( [ -x "$PGSWITCH_BIN" ] && echo "$PGSWITCH_BIN" || echo "not built"))",
     "pgbench": "-c $CLIENTS -j $JOBS -T $SECS -n -l, scale $SCALE, $ROUNDS round(s), target order rotated each round, medians reported",
-    "proxies": "transaction pooling, pool size $POOL, max_client_conn 20000, SCRAM-SHA-256 client auth for throughput (trust for the idle-client test)",
+    "proxies": "transaction pooling, pool size $POOL, max_client_conn 20000, SCRAM-SHA-256 client auth for throughput (trust for the idle-client test, plain TCP and client TLS with a self-signed RSA-2048 certificate, a fresh proxy process each)",
     "postgres": "max_connections 200, shared_buffers 128MB, everything else default (fsync on)",
     "mode": "$MODE",
     "CPU busy before start": "${BUSY}% (other processes; sampled over 2 s)",

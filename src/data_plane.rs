@@ -1,7 +1,8 @@
 //! What the data plane needs, and nothing of the control plane: the
 //! configuration and user secrets in force, the backends and their pools, the
-//! switch (active backend and gate), the statement registry, cancel keys,
-//! client counters, the shutdown signal and metrics. Client sessions hold an
+//! switch (active backend, gate and the signals sessions watch: shutdown,
+//! draining), the statement registry, cancel keys, client counters and
+//! metrics. Client sessions hold an
 //! `Arc<DataPlane>`; the control plane acts on it only through the switch,
 //! the gate and the pools (and the cancel registry, when a cutover's drain
 //! cancels stragglers).
@@ -10,7 +11,6 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
 use crate::auth::query::AuthQuery;
 use crate::auth::{ScramKeys, UserSecrets};
@@ -81,7 +81,6 @@ pub struct DataPlane {
     pub cancels: Arc<CancelRegistry>,
     clients: AtomicUsize,
     next_client_id: AtomicU32,
-    shutdown: watch::Sender<bool>,
     pub metrics: Metrics,
 }
 
@@ -135,7 +134,6 @@ impl DataPlane {
             cancels: Arc::new(CancelRegistry::default()),
             clients: AtomicUsize::new(0),
             next_client_id: AtomicU32::new(1),
-            shutdown: watch::Sender::new(false),
             metrics: Metrics::new(),
         }))
     }
@@ -166,17 +164,13 @@ impl DataPlane {
         self.clients.load(Ordering::Relaxed)
     }
 
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
     pub fn is_shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
+        self.switch.is_shutting_down()
     }
 
     /// Tells every session to end at its next transaction boundary.
     pub fn start_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.switch.start_shutdown();
     }
 
     pub fn backend(&self, side: Side) -> Option<Arc<Backend>> {

@@ -92,7 +92,10 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     /// Permits the semaphore was given in all; tracks resizes.
     slot_count: Mutex<usize>,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed, so that a checkout (inline in every session) stays small and
+    /// lending one moves a pointer.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     open: AtomicUsize,
     active: AtomicUsize,
     waiting: AtomicUsize,
@@ -157,6 +160,15 @@ impl Pool {
         Ok((self.checkout(permit).await?, waited))
     }
 
+    /// An idle connection now, without waiting, if a slot and one are free:
+    /// the common case, kept out of [`Pool::acquire`]'s future, which would
+    /// otherwise be reserved in every session.
+    pub fn acquire_idle(self: &Arc<Self>) -> Option<Checkout> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        let conn = self.take_idle(&self.settings.load())?;
+        Some(self.lend(conn, permit))
+    }
+
     /// A permit of `semaphore`, waiting up to `query_wait_timeout`.
     async fn wait_permit(
         &self,
@@ -188,14 +200,18 @@ impl Pool {
             Some(conn) => conn,
             // Boxed: connecting (TLS, SCRAM) is a large future that is rarely
             // live; every client's task would otherwise reserve room for it.
-            None => Box::pin(self.connect(&settings)).await?,
+            None => Box::new(Box::pin(self.connect(&settings)).await?),
         };
+        Ok(self.lend(conn, permit))
+    }
+
+    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Checkout {
         self.active.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout {
+        Checkout {
             conn: Some(conn),
             pool: self.clone(),
             _permit: permit,
-        })
+        }
     }
 
     /// A server connection to check a client's new startup parameters on: a
@@ -215,12 +231,15 @@ impl Pool {
             settings.connect_timeout,
             settings.statements_per_server,
         );
-        Ok(ParamChecker::OneOff(Box::pin(conn).await?, permit))
+        Ok(ParamChecker::OneOff(
+            Box::new(Box::pin(conn).await?),
+            permit,
+        ))
     }
 
     /// The most recently used idle connection that is still good: warm caches,
     /// and the others age out under server_idle_timeout.
-    fn take_idle(&self, settings: &PoolSettings) -> Option<ServerConn> {
+    fn take_idle(&self, settings: &PoolSettings) -> Option<Box<ServerConn>> {
         loop {
             let mut conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
             if conn.created.elapsed() < settings.lifetime && conn.is_usable() {
@@ -246,7 +265,7 @@ impl Pool {
         Ok(conn)
     }
 
-    fn give_back(&self, mut conn: ServerConn) {
+    fn give_back(&self, mut conn: Box<ServerConn>) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         let lifetime = self.settings.load().lifetime;
         if conn.tx_status == TxStatus::Idle
@@ -264,7 +283,7 @@ impl Pool {
         }
     }
 
-    fn discard(&self, conn: ServerConn) {
+    fn discard(&self, conn: Box<ServerConn>) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.open.fetch_sub(1, Ordering::Relaxed);
         drop(conn);
@@ -365,7 +384,7 @@ impl Pool {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+            .push(Box::new(conn));
         Ok(())
     }
 
@@ -377,7 +396,7 @@ impl Pool {
 
     /// Closes every idle connection (after a cutover, on shutdown).
     pub fn close_idle(&self) {
-        let drained: Vec<ServerConn> =
+        let drained: Vec<Box<ServerConn>> =
             std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
         self.open.fetch_sub(drained.len(), Ordering::Relaxed);
     }
@@ -397,7 +416,7 @@ impl Pool {
 /// back afterwards, or an extra one, closed afterwards.
 pub enum ParamChecker {
     Pooled(Checkout),
-    OneOff(ServerConn, OwnedSemaphorePermit),
+    OneOff(Box<ServerConn>, OwnedSemaphorePermit),
 }
 
 impl ParamChecker {
@@ -418,7 +437,7 @@ impl ParamChecker {
 /// A server connection on loan from a pool. Returned with [`Checkout::release`];
 /// dropped without it, the connection is closed, since its state is unknown.
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }

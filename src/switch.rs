@@ -140,10 +140,19 @@ pub struct Switch {
     pub gate: Gate,
     /// Transactions (and session-mode sessions) holding a server connection.
     in_flight: AtomicUsize,
-    /// Raised by a cutover's drain: session-mode sessions end at their next
-    /// transaction boundary so that none runs on the new side with its
-    /// session state silently lost.
-    draining: watch::Sender<bool>,
+    /// What idle sessions wait on besides their sockets (one channel, so
+    /// that each session's future holds one wait, not two).
+    signals: watch::Sender<SessionSignals>,
+}
+
+/// Signals to every session, taken at its next transaction boundary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionSignals {
+    /// pgswitch is shutting down: sessions end.
+    pub shutdown: bool,
+    /// Raised by a cutover's drain: session-mode sessions end, so that none
+    /// runs on the new side with its session state silently lost.
+    pub draining: bool,
 }
 
 /// A transaction (or session) in flight; counted until dropped.
@@ -161,7 +170,7 @@ impl Switch {
             active: ArcSwap::new(active),
             gate: Gate::default(),
             in_flight: AtomicUsize::new(0),
-            draining: watch::Sender::new(false),
+            signals: watch::Sender::new(SessionSignals::default()),
         }
     }
 
@@ -172,12 +181,25 @@ impl Switch {
     pub async fn enter(self: &Arc<Self>) -> InFlight {
         loop {
             self.gate.pass().await;
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if !self.gate.closed.load(Ordering::SeqCst) {
-                return InFlight(self.clone());
+            if let Some(in_flight) = self.try_enter() {
+                return in_flight;
             }
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// [`Switch::enter`] without waiting: None while the gate is closed. The
+    /// session's fast path, so that its future need not hold `enter`'s.
+    #[inline]
+    pub fn try_enter(self: &Arc<Self>) -> Option<InFlight> {
+        if self.gate.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if !self.gate.closed.load(Ordering::SeqCst) {
+            return Some(InFlight(self.clone()));
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        None
     }
 
     pub fn in_flight(&self) -> usize {
@@ -185,11 +207,26 @@ impl Switch {
     }
 
     pub fn set_draining(&self, draining: bool) {
-        self.draining.send_replace(draining);
+        self.signals.send_modify(|s| s.draining = draining);
     }
 
-    pub fn draining_signal(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
+    /// Tells every session to end at its next transaction boundary.
+    pub fn start_shutdown(&self) {
+        self.signals.send_modify(|s| s.shutdown = true);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.signals.borrow().shutdown
+    }
+
+    pub fn signals(&self) -> watch::Receiver<SessionSignals> {
+        self.signals.subscribe()
+    }
+
+    /// Whether `backend` is the active one (no reference count touched).
+    #[inline]
+    pub fn is_active(&self, backend: &Arc<Backend>) -> bool {
+        Arc::ptr_eq(&self.active.load(), backend)
     }
 
     #[inline]

@@ -8,6 +8,7 @@
 //!   (buffers shrink when a connection goes idle);
 //! - what must be held whole (a named Parse) is capped by `max_message_size`,
 //!   over which the client gets ERROR 54000 and its session goes on;
+//! - an idle client costs the proxy under 3 KiB of RSS (debug build; issue 17);
 //! - the proxy-wide statement registry forgets statements no client holds,
 //!   refuses new ones over its bounds (54000), and reports its size in
 //!   /metrics; a statement it forgot while a server still has it prepared is
@@ -136,6 +137,63 @@ fn lines(msgs: &[Msg]) -> Vec<String> {
         .filter(|m| m.tag != b'S')
         .map(Msg::line)
         .collect()
+}
+
+// ------------------------------------------------ idle clients
+
+/// Idle clients the test holds (well under a default `ulimit -n` of 1024 for
+/// the test process, which holds their sockets).
+const IDLE_CLIENTS: u64 = 800;
+/// The most an idle client may add to the proxy's RSS. The tests run the
+/// debug build, whose futures are larger: about 2.1 KiB here, where the
+/// release build (`benches/run.sh memory`, 10 000 clients) measures 1.7 KiB
+/// and issue 17's goal is 1.5 KiB. Before the session's rare waits were
+/// boxed, the release build took 4 KiB.
+const IDLE_CLIENT_MAX_BYTES: u64 = 3 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_costs_the_proxy_under_3_kib() {
+    let pg = pg_with_app(PgOptions::default(), None);
+    let proxy = config(&pg, "transaction").auth_method("trust").start();
+    // The pool, its server connection and the parameter cache exist before
+    // the baseline, as for any client after the first.
+    let mut first = login(&proxy).await;
+    warm_up(&mut first).await;
+    let pid = proxy.pid().expect("the proxy runs");
+    let before = rss_kib(pid);
+    let port = proxy.port;
+    let mut clients = Vec::new();
+    for _ in 0..IDLE_CLIENTS / 50 {
+        let batch: Vec<_> = (0..50)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut raw = Raw::connect_with_timeout(port, STEP).await;
+                    raw.startup(&[("user", APP_USER), ("database", DB)])
+                        .flush()
+                        .await;
+                    raw.login(APP_PASSWORD).await;
+                    raw
+                })
+            })
+            .collect();
+        for client in batch {
+            clients.push(client.await.expect("an idle client logs in"));
+        }
+    }
+    let after = rss_kib(pid);
+    let per_client = after.saturating_sub(before) * 1024 / IDLE_CLIENTS;
+    eprintln!(
+        "{IDLE_CLIENTS} idle clients: proxy RSS {:.1} -> {:.1} MiB, {per_client} bytes each",
+        mib(before),
+        mib(after)
+    );
+    assert!(
+        per_client <= IDLE_CLIENT_MAX_BYTES,
+        "an idle client costs the proxy {per_client} bytes of RSS (at most {IDLE_CLIENT_MAX_BYTES})"
+    );
+    // Idle, not stuck: the first and the last still get answers.
+    warm_up(&mut first).await;
+    warm_up(clients.last_mut().expect("clients")).await;
 }
 
 // ------------------------------------------------ huge messages pass through

@@ -2,6 +2,7 @@
 //! PostgreSQL 17 clients may do), GSS refusal, startup packet, cancel
 //! forwarding, authentication, and the parameters a real server would report.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +10,7 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::net::TcpStream;
 
-use super::session::{Established, Session};
+use super::session::{Established, Origin, Session};
 use crate::client_conn::{ClientConn, ClientError};
 use crate::config::ClientTlsMode;
 use crate::data_plane::DataPlane;
@@ -22,10 +23,36 @@ use crate::session_params::{ParamSet, Reported};
 use crate::tls::{ClientTls, MaybeTls, ALPN_POSTGRESQL, TLS_HANDSHAKE_RECORD};
 
 /// Serves one client connection to its end, and logs how it ended.
-pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
-    let id = data.next_client_id();
-    let _count = data.count_client();
+///
+/// An idle client must cost little: the login is boxed and freed once it is
+/// over, the session is boxed, and this future (the task's own, for the
+/// connection's life) keeps only a few words besides.
+pub fn serve(
+    data: Arc<DataPlane>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    let count = data.count_client();
+    let origin = Origin {
+        id: data.next_client_id(),
+        peer,
+        started: Instant::now(),
+    };
+    // Not an `async fn`: its arguments would stay in the task for its life.
+    let login = Box::pin(log_in(data, stream, origin));
+    async move {
+        let _count = count;
+        if let Some(session) = login.await {
+            session.run().await;
+        }
+    }
+}
+
+/// From accept to a logged-in client, within `client_login_timeout`; None
+/// when there is no session to run (a cancel request, or a refusal, which
+/// this sends and logs).
+async fn log_in(data: Arc<DataPlane>, stream: TcpStream, origin: Origin) -> Option<Box<Session>> {
+    let Origin { id, peer, started } = origin;
     let login_timeout = data.config().proxy.client_login_timeout;
     let deadline = tokio::time::Instant::now() + login_timeout;
     let timed_out = || {
@@ -36,8 +63,7 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
     };
     let tls = data.client_tls();
     let (mut conn, failure) =
-        // The login futures are boxed: they are large and short-lived, and an
-        // idle client should only keep the session's own state.
+        // The login futures are boxed: they are large and short-lived.
         match tokio::time::timeout_at(deadline, Box::pin(open(&tls, ClientConn::new(stream)))).await {
             Ok(Ok(conn)) => (Some(conn), None),
             Ok(Err((conn, e))) => (conn, Some(e)),
@@ -49,7 +75,7 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
             match tokio::time::timeout_at(deadline, Box::pin(login(&data, &tls, conn, id, peer)))
                 .await
             {
-                Ok(Ok(None)) => return, // a cancel request: nothing to log per connection
+                Ok(Ok(None)) => return None, // a cancel request: nothing to log per connection
                 Ok(Ok(Some(established))) => Ok(established),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(timed_out().into()),
@@ -58,19 +84,15 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
         (_, Some(e)) => Err(e),
         (None, None) => unreachable!("open returns a connection or an error"),
     };
-    drop(tls);
-    let failure = match failure {
-        Ok(established) => {
-            let conn = conn.unwrap_or_else(|| unreachable!("logged in without a connection"));
-            let key = established.pool_key.clone();
+    let (failure, mut conn) = match (failure, conn) {
+        (Ok(established), Some(conn)) => {
+            let key = &established.pool.key;
             data.metrics.count_connection("accepted", "");
             tracing::info!(client = id, %peer, user = %key.user, database = %key.database, "client connected");
-            let reason = Box::pin(Session::new(data, conn, established).run()).await;
-            let duration_ms = started.elapsed().as_millis() as u64;
-            tracing::info!(client = id, %peer, user = %key.user, database = %key.database, duration_ms, %reason, "client closed");
-            return;
+            return Some(Box::new(Session::new(data, conn, established, origin)));
         }
-        Err(e) => e,
+        (Ok(_), None) => unreachable!("logged in without a connection"),
+        (Err(e), conn) => (e, conn),
     };
     let (reply, reason) = failure.into_reply(&data.metrics);
     data.metrics
@@ -80,6 +102,7 @@ pub async fn serve(data: Arc<DataPlane>, stream: TcpStream, peer: SocketAddr) {
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     tracing::info!(client = id, %peer, duration_ms, %reason, "client closed during login");
+    None
 }
 
 /// The `reason` label of a refused connection, from the error it was sent.
@@ -324,7 +347,6 @@ async fn login(
     Ok(Some(Established {
         backend,
         pool,
-        pool_key,
         mode,
         params,
         cancel,

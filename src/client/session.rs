@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
@@ -34,7 +35,7 @@ use crate::cancel::{CancelKey, CancelTarget};
 use crate::client_conn::{ClientConn, ClientError};
 use crate::config::PoolMode;
 use crate::data_plane::DataPlane;
-use crate::pool::{Checkout, Pool, PoolKey};
+use crate::pool::{Checkout, Pool};
 use crate::protocol::error::{sqlstate, ServerErrorFields};
 use crate::protocol::framing::{Passthrough, STREAM_THRESHOLD};
 use crate::protocol::messages::{self, backend, frontend};
@@ -50,7 +51,6 @@ use crate::tls::ClientStream;
 pub struct Established {
     pub backend: Arc<Backend>,
     pub pool: Arc<Pool>,
-    pub pool_key: PoolKey,
     pub mode: PoolMode,
     pub params: Arc<ParamSet>,
     pub cancel: CancelKey,
@@ -62,6 +62,14 @@ const HIGH_WATER: usize = 256 * 1024;
 /// How a session ended, for the close log line.
 pub type CloseReason = &'static str;
 
+/// Who the client is, for the session's log lines.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub id: u32,
+    pub peer: SocketAddr,
+    pub started: Instant,
+}
+
 pub struct Session {
     data: Arc<DataPlane>,
     client: ClientStream,
@@ -72,8 +80,8 @@ pub struct Session {
     /// Counts this transaction (or session-mode session) for a cutover's drain.
     in_flight: Option<InFlight>,
     backend: Arc<Backend>,
+    /// The pool of (`backend`, the client's database and user).
     pool: Arc<Pool>,
-    pool_key: PoolKey,
     mode: PoolMode,
     /// What the client expects its session parameters to be.
     params: Arc<ParamSet>,
@@ -98,6 +106,7 @@ pub struct Session {
     client_rest: Passthrough,
     /// The rest of a server message on its way to the client in pieces.
     server_rest: Passthrough,
+    origin: Origin,
 }
 
 /// Which side closed.
@@ -107,7 +116,12 @@ enum Closed {
 }
 
 impl Session {
-    pub fn new(data: Arc<DataPlane>, conn: ClientConn, login: Established) -> Session {
+    pub fn new(
+        data: Arc<DataPlane>,
+        conn: ClientConn,
+        login: Established,
+        origin: Origin,
+    ) -> Session {
         Session {
             data,
             client: conn.stream,
@@ -118,7 +132,6 @@ impl Session {
             in_flight: None,
             backend: login.backend,
             pool: login.pool,
-            pool_key: login.pool_key,
             mode: login.mode,
             startup_params: login.params.clone(),
             scope: statement_scope(&login.params),
@@ -132,13 +145,22 @@ impl Session {
             waiting: false,
             client_rest: Passthrough::default(),
             server_rest: Passthrough::default(),
+            origin,
         }
     }
 
-    /// Runs the session to its end; returns why it ended. An error meant for
+    /// Runs the session to its end and logs why it ended. An error meant for
     /// the client is sent before the connection closes.
-    pub async fn run(mut self) -> String {
-        let reason = match self.serve().await {
+    pub async fn run(mut self: Box<Self>) {
+        let outcome = self.serve().await;
+        // Boxed, like every rare path: an idle session's future stays small.
+        Box::pin(self.close(outcome)).await;
+    }
+
+    /// Tells the client why its session ends (if there is someone to tell),
+    /// pools a session-mode server that can be reused, and logs the close.
+    async fn close(&mut self, outcome: Result<CloseReason, ClientError>) {
+        let reason = match outcome {
             Ok(reason) => reason.to_owned(),
             Err(failure) => {
                 let (reply, reason) = failure.into_reply(&self.data.metrics);
@@ -149,8 +171,11 @@ impl Session {
                 reason
             }
         };
-        Box::pin(self.return_session_server()).await;
-        reason
+        self.return_session_server().await;
+        let Origin { id, peer, started } = self.origin;
+        let key = &self.pool.key;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(client = id, %peer, user = %key.user, database = %key.database, duration_ms, %reason, "client closed");
     }
 
     /// Session mode: a server whose session ended cleanly between transactions
@@ -172,8 +197,7 @@ impl Session {
     }
 
     async fn serve(&mut self) -> Result<CloseReason, ClientError> {
-        let mut shutdown = self.data.shutdown_signal();
-        let mut draining = self.data.switch.draining_signal();
+        let mut signals = self.data.switch.signals();
         let session_mode = self.mode == PoolMode::Session;
         loop {
             if self.server.is_none() && self.mode == PoolMode::Transaction {
@@ -192,7 +216,8 @@ impl Session {
             }
             self.release_if_idle();
             let idle = self.is_between_transactions();
-            if idle && *shutdown.borrow() {
+            let signal = *signals.borrow_and_update();
+            if idle && signal.shutdown {
                 self.flush_client().await?;
                 return Err(PgError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
@@ -201,7 +226,7 @@ impl Session {
                 .into());
             }
             let holds_server = self.server.is_some();
-            if idle && session_mode && holds_server && *draining.borrow() {
+            if idle && session_mode && holds_server && signal.draining {
                 // A cutover is switching servers: the session's state can't
                 // follow, so it ends here, between transactions, and the
                 // client reconnects to the new side.
@@ -218,8 +243,7 @@ impl Session {
             }
             let pumped = tokio::select! {
                 r = self.pump() => r,
-                _ = shutdown.changed(), if idle => continue,
-                _ = draining.changed(), if idle && session_mode && holds_server => continue,
+                _ = signals.changed(), if idle => continue,
             };
             match pumped {
                 Ok(()) => {}
@@ -341,23 +365,34 @@ impl Session {
     /// follows a backend swap, and brings the server's session parameters in
     /// line with the client's.
     async fn attach(&mut self) -> Result<(), ClientError> {
-        let in_flight = self.data.switch.enter().await;
-        let active = self.data.switch.active();
-        if !Arc::ptr_eq(&active, &self.backend) {
-            self.pool = self.data.pool_for(&active, &self.pool_key);
+        // The waits are boxed, off the fast path: an idle session's future
+        // would otherwise reserve room for them.
+        let in_flight = match self.data.switch.try_enter() {
+            Some(in_flight) => in_flight,
+            None => Box::pin(self.data.switch.enter()).await,
+        };
+        if !self.data.switch.is_active(&self.backend) {
+            let active = self.data.switch.active();
+            self.pool = self.data.pool_for(&active, &self.pool.key);
             self.backend = active;
         }
-        let (mut server, waited) = self.pool.acquire().await?;
-        if let Some(waited) = waited {
-            self.data
-                .metrics
-                .server_wait_seconds
-                .observe(waited.as_secs_f64());
-        }
+        let mut server = match self.pool.acquire_idle() {
+            Some(server) => server,
+            None => {
+                let (server, waited) = Box::pin(self.pool.acquire()).await?;
+                if let Some(waited) = waited {
+                    self.data
+                        .metrics
+                        .server_wait_seconds
+                        .observe(waited.as_secs_f64());
+                }
+                server
+            }
+        };
         if self.mode == PoolMode::Session {
             // Session mode relays the server's replies unfiltered: the
             // parameters are set before the client's first message goes out.
-            self.apply_params(&mut server).await?;
+            Box::pin(self.apply_params(&mut server)).await?;
         } else {
             self.sync_params(&mut server);
         }
