@@ -97,6 +97,10 @@ port_of() { if [ "$1" = blue ]; then echo "$BLUE_PORT"; else echo "$GREEN_PORT";
 log "pgbench -i -s $SCALE on blue; schema to green (pg_dump -s); publication + subscription pgswitch"
 PGPASSWORD=bench "$PG_BINDIR/pgbench" -h 127.0.0.1 -p "$BLUE_PORT" -U bench -i -s "$SCALE" -q bench \
     >"$WORK/pgbench-init.log" 2>&1 || { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+# pgbench_history has no primary key: without a replica identity the switch's preflight
+# (check replica_identity) refuses, as it should. It is insert-only, so FULL costs nothing;
+# the schema dump carries it to green, for the reverse direction.
+blue -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" >/dev/null
 "$PG_BINDIR/pg_dump" -s -h "$WORK/sock" -p "$BLUE_PORT" -U postgres bench >"$WORK/schema.sql"
 green -f "$WORK/schema.sql" >/dev/null
 blue -c "CREATE PUBLICATION pgswitch FOR ALL TABLES"
