@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::backends::Backend;
 
@@ -138,8 +138,7 @@ impl Gate {
 pub struct Switch {
     active: ArcSwap<Backend>,
     pub gate: Gate,
-    /// Transactions (and session-mode sessions) holding a server connection.
-    in_flight: AtomicUsize,
+    in_flight: InFlightCount,
     /// What idle sessions wait on besides their sockets (one channel, so
     /// that each session's future holds one wait, not two).
     signals: watch::Sender<SessionSignals>,
@@ -160,7 +159,45 @@ pub struct InFlight(Arc<Switch>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.in_flight.leave(&self.0.gate);
+    }
+}
+
+/// Transactions (and session-mode sessions) holding a server connection,
+/// and the wake-up of a drain waiting for them to end.
+#[derive(Default)]
+struct InFlightCount {
+    count: AtomicUsize,
+    /// Notified when the count falls to zero while the gate is closed: only
+    /// a drain waits then, so the hot path notifies nobody otherwise.
+    none_left: Notify,
+}
+
+impl InFlightCount {
+    fn leave(&self, gate: &Gate) {
+        // SeqCst with the gate's: a drain that closed the gate and then saw
+        // this transaction still counted is sure to be notified.
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && gate.closed.load(Ordering::SeqCst) {
+            self.none_left.notify_waiters();
+        }
+    }
+
+    /// Waits, at most `within`, until nothing is in flight; true if nothing
+    /// is. Only while the gate is closed (else no one notifies).
+    async fn wait_none(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let none_left = self.none_left.notified();
+            tokio::pin!(none_left);
+            // Registered before the count is read: a leave in between wakes it.
+            none_left.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, none_left).await.is_err() {
+                return self.count.load(Ordering::SeqCst) == 0;
+            }
+        }
     }
 }
 
@@ -169,7 +206,7 @@ impl Switch {
         Switch {
             active: ArcSwap::new(active),
             gate: Gate::default(),
-            in_flight: AtomicUsize::new(0),
+            in_flight: InFlightCount::default(),
             signals: watch::Sender::new(SessionSignals::default()),
         }
     }
@@ -194,16 +231,24 @@ impl Switch {
         if self.gate.closed.load(Ordering::SeqCst) {
             return None;
         }
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.count.fetch_add(1, Ordering::SeqCst);
         if !self.gate.closed.load(Ordering::SeqCst) {
             return Some(InFlight(self.clone()));
         }
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // Counted for a moment: a drain may have seen it.
+        self.in_flight.leave(&self.gate);
         None
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.in_flight.count.load(Ordering::SeqCst)
+    }
+
+    /// A drain: waits, at most `within`, until no transaction is in flight,
+    /// woken by the last one's end (no polling); true if none is. Call it
+    /// with the gate closed.
+    pub async fn wait_drained(&self, within: Duration) -> bool {
+        self.in_flight.wait_none(within).await
     }
 
     pub fn set_draining(&self, draining: bool) {
@@ -243,6 +288,34 @@ impl Switch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the clock paused, a drain that polled on a timer would move it.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_wakes_when_the_last_transaction_ends_not_on_a_timer() {
+        let gate = Gate::default();
+        let in_flight = Arc::new(InFlightCount::default());
+        in_flight.count.fetch_add(2, Ordering::SeqCst);
+        assert!(gate.hold(Holder::Cutover));
+        let started = tokio::time::Instant::now();
+        let drain = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.wait_none(Duration::from_secs(60)).await }
+        });
+        tokio::task::yield_now().await;
+        in_flight.leave(&gate);
+        tokio::task::yield_now().await;
+        assert!(!drain.is_finished(), "one transaction is still in flight");
+        in_flight.leave(&gate);
+        assert!(drain.await.expect("the drain task"));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_gives_up_at_its_deadline() {
+        let in_flight = InFlightCount::default();
+        in_flight.count.fetch_add(1, Ordering::SeqCst);
+        assert!(!in_flight.wait_none(Duration::from_millis(50)).await);
+    }
 
     #[tokio::test]
     async fn gate_holds_until_opened() {

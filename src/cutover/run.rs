@@ -649,16 +649,8 @@ impl<'a> Run<'a> {
     }
 
     async fn wait_drained(&self, within: Duration) -> bool {
-        let until = Instant::now() + within.min(self.remaining());
-        loop {
-            if self.data.switch.in_flight() == 0 {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let within = within.min(self.remaining());
+        self.data.switch.wait_drained(within).await
     }
 
     /// Brings the servers back to the old side after an abort, before the
