@@ -92,10 +92,21 @@ async fn metrics_count_transactions_errors_and_connections() {
     }
     let err = c.simple_query("select 1/0").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22012"));
-    let (status, after) = admin_http(proxy.admin_port, "GET", "/metrics", None, "").await;
-    assert_eq!(status, 200);
-    let delta = metric(&after, "pgswitch_transactions_total")
-        - metric(&before, "pgswitch_transactions_total");
+    // The client has its error at the ErrorResponse; the proxy counts the
+    // transaction at the ReadyForQuery behind it, which may come a moment later.
+    let counted_before = metric(&before, "pgswitch_transactions_total");
+    let admin_port = proxy.admin_port;
+    let after = wait_for(Duration::from_secs(5), || async move {
+        let (status, after) = admin_http(admin_port, "GET", "/metrics", None, "").await;
+        assert_eq!(status, 200);
+        (metric(&after, "pgswitch_transactions_total") - counted_before >= 11.0).then_some(after)
+    })
+    .await;
+    let after = match after {
+        Some(after) => after,
+        None => admin_http(admin_port, "GET", "/metrics", None, "").await.1,
+    };
+    let delta = metric(&after, "pgswitch_transactions_total") - counted_before;
     assert!(delta >= 11.0, "transactions grew by {delta}\n{after}");
     assert!(metric(&after, "pgswitch_queries_total") >= 11.0, "{after}");
     assert_eq!(
